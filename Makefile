@@ -1,0 +1,29 @@
+# sdatom: the two commands a new user needs are `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Tests and the demo run torch on one thread: small ops collapse when threads fight for 2 cores.
+RUN_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install test demo lint clean
+
+$(BIN)/sdatom: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/sdatom
+
+test: $(BIN)/sdatom
+	$(RUN_ENV) $(BIN)/python -m pytest -q
+
+demo: $(BIN)/sdatom
+	$(RUN_ENV) bash scripts/demo.sh
+
+lint: $(BIN)/sdatom
+	$(BIN)/ruff check sdatom tests scripts
+	$(BIN)/ruff format --check sdatom tests scripts
+
+clean:
+	rm -rf runs/demo $(VENV)

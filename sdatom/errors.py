@@ -1,0 +1,46 @@
+"""The exceptions sdatom raises on purpose.
+
+The CLI catches only these: it prints the message as one line and exits with
+``exit_code`` (2 for bad input or options, 1 for a failure of the run itself).
+Messages name the file or option at fault and say what to do instead.
+"""
+
+
+class SdatomError(Exception):
+    """Base class of every error sdatom raises deliberately."""
+
+    exit_code = 1
+
+
+class UsageError(SdatomError):
+    """Bad input from the user: an option, a file, a folder, a model spec."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """An invalid configuration value or key (names the field path)."""
+
+
+class NoTargetsMatchedError(ConfigError):
+    """Target patterns matched no module of the model."""
+
+
+class DataError(UsageError):
+    """A subject folder or image that cannot be used."""
+
+
+class ModelLoadError(UsageError):
+    """A model spec that cannot be turned into a pipeline."""
+
+
+class AdapterError(UsageError):
+    """An adapter file that is missing, corrupt, foreign or for another base model."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint or resume path that holds no usable checkpoint."""
+
+
+class TrainingError(SdatomError):
+    """The run itself failed (for example the loss became NaN)."""

@@ -1,0 +1,82 @@
+"""``sdatom inspect``: a model's UNet inventory and a preset's trainable parameters.
+
+Only the UNet's config is read: the UNet is built on the ``meta`` device, so inspecting
+SD-1.5 needs no weights and no memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdatom.errors import ModelLoadError
+from sdatom.inventory import unet_inventory
+from sdatom.models import (
+    ARCHITECTURES,
+    build_unet,
+    check_folder,
+    default_model,
+    first_line,
+    hub_offline,
+)
+
+
+def meta_unet(spec: str | None):
+    """The UNet of ``spec`` on the meta device (built specs, diffusers folders, cached hub ids)."""
+    from diffusers import UNet2DConditionModel
+
+    spec = spec or default_model()
+    if spec in ARCHITECTURES:
+        return build_unet(spec, "meta")
+    source = Path(spec)
+    if source.suffix in (".safetensors", ".ckpt"):
+        raise ModelLoadError(
+            f"inspect reads a UNet config: give the diffusers folder or hub id, not {spec}"
+        )
+    if source.exists():
+        check_folder(source)
+    try:
+        config = UNet2DConditionModel.load_config(
+            spec, subfolder="unet", local_files_only=source.exists() or hub_offline()
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot read the UNet config of {spec!r} "
+            f"({'offline, not in the local cache' if hub_offline() else first_line(e)}): "
+            "pass --model PATH (a diffusers folder) or --model tiny"
+        )
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def inspect_model(spec: str | None, preset: str | None = None) -> dict[str, Any]:
+    """The inventory of ``spec``'s UNet, with a preset's trainable counts when one is given."""
+    unet = meta_unet(spec)
+    report: dict[str, Any] = {"model": spec or default_model(), **unet_inventory(unet)}
+    if preset is not None:
+        from sdatom.atoms import preset_report
+
+        report.update(preset_report(unet, preset))
+    return report
+
+
+def format_inspection(report: dict[str, Any]) -> str:
+    """A plain-text table of an inspection report."""
+    lines = [f"model: {report['model']}", ""]
+    lines.append(f"{'layer group':<32}{'layers':>8}{'params':>16}")
+    for g in report["groups"]:
+        lines.append(f"{g['group']:<32}{g['layers']:>8}{g['params']:>16,}")
+    lines.append(f"{'UNet total':<32}{'':>8}{report['unet_params']:>16,}")
+    if "trainable_params" in report:
+        lines += ["", f"preset {report['preset']}:"]
+        for g in report.get("trainable_groups", []):
+            lines.append(f"  {g['group']:<30}{g['layers']:>8}{g['trainable']:>16,}")
+        lines.append(f"  {'trainable total':<30}{'':>8}{report['trainable_params']:>16,}")
+        sizes = report.get("adapter_bytes", {})
+        if sizes:
+            lines.append(
+                "  adapter file: " + ", ".join(f"{k} {v / 1024:,.1f} KiB" for k, v in sizes.items())
+            )
+    return "\n".join(lines)

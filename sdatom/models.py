@@ -1,0 +1,464 @@
+"""Model specs: one function turns a spec into a diffusers Stable Diffusion pipeline.
+
+A spec is one of
+
+- a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local diffusers folder,
+  loaded through diffusers' own ``from_pretrained``;
+- a single ``.safetensors``/``.ckpt`` checkpoint file (diffusers' single-file loader);
+- ``tiny``: a tiny SD-architecture pipeline with random weights, built offline and
+  deterministically, with the real CLIP tokenizer (the embedded default for demos and tests);
+- ``random:sd15`` / ``random:sd21``: the real published architectures with random weights.
+
+Built pipelines (``tiny``, ``random:*``) are cached on disk so repeated runs do not rebuild them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdatom.errors import ModelLoadError, UsageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BUILT_SPECS = ("tiny", "random:sd15", "random:sd21")
+CLIP_VOCAB_SIZE = 49408
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Bump when a built architecture or its initialisation changes: it invalidates the disk cache.
+BUILD_VERSION = 1
+
+# The scheduler every SD-1.x checkpoint ships (PNDM, scaled-linear betas).
+_SD_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The configs of one Stable Diffusion architecture (UNet, VAE, text encoder)."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    prediction_type: str = "epsilon"
+    pad_token: str = "<|endoftext|>"
+
+
+_SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+_SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+_CLIP_L_TEXT = {
+    "vocab_size": CLIP_VOCAB_SIZE,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "tiny": Architecture(
+        unet={
+            "sample_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        vae={
+            **_SD_VAE,
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "sample_size": 64,
+        },
+        text_encoder={
+            **_CLIP_L_TEXT,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 32,
+        },
+    ),
+    "random:sd15": Architecture(unet=_SD15_UNET, vae=_SD_VAE, text_encoder=_CLIP_L_TEXT),
+    # stabilityai/stable-diffusion-2-1 (768 px, v-prediction, OpenCLIP ViT-H text encoder).
+    "random:sd21": Architecture(
+        unet={
+            **_SD15_UNET,
+            "sample_size": 96,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        vae={**_SD_VAE, "sample_size": 768},
+        text_encoder={
+            **_CLIP_L_TEXT,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "hidden_act": "gelu",
+            "projection_dim": 512,
+        },
+        prediction_type="v_prediction",
+        pad_token="!",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``auto``/None picks cuda, then mps, then cpu; otherwise the named device, checked."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but MPS is not available: use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Map ``fp32``/``fp16``/``bf16`` to a torch dtype that works on ``device``."""
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    if name == "fp16" and device.type == "cpu":
+        raise UsageError("--dtype fp16 needs a GPU; on the CPU use --dtype fp32 or bf16")
+    return DTYPES[name]
+
+
+def enable_xformers(pipe_or_unet: Any, device: torch.device) -> bool:
+    """Turn on xformers attention when it can work; otherwise warn why and keep torch SDPA."""
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        warnings.warn(
+            "--xformers: xformers is not installed (pip install 'sdatom[xformers]'); "
+            "using torch SDPA attention",
+            stacklevel=2,
+        )
+        return False
+    if device.type != "cuda":
+        warnings.warn(
+            f"--xformers: xformers needs a CUDA device, this run is on {device.type}; "
+            "using torch SDPA attention",
+            stacklevel=2,
+        )
+        return False
+    pipe_or_unet.enable_xformers_memory_efficient_attention()
+    return True
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The real CLIP BPE tokenizer (49,408 tokens), built offline from open_clip's BPE file."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    # The same construction as CLIP's SimpleTokenizer: byte symbols, their word-final
+    # forms, one token per merge, then the two special tokens.
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(vocab)},
+        merges=merges,
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+    check_tokenizer(tokenizer, CLIP_VOCAB_SIZE, "open_clip's BPE file")
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: Any, expected: int, source: str) -> None:
+    """A tokenizer whose vocabulary does not fit the text encoder is an error, never a fallback."""
+    if len(tokenizer) != expected:
+        raise ModelLoadError(
+            f"the tokenizer from {source} has {len(tokenizer)} tokens but the text encoder "
+            f"expects {expected}: the tokenizer files are missing or wrong"
+        )
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def cache_dir() -> Path:
+    """Where sdatom keeps built models and other caches (``SDATOM_CACHE`` overrides)."""
+    if os.environ.get("SDATOM_CACHE"):
+        return Path(os.environ["SDATOM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sdatom"
+
+
+def build_unet(spec: str, device: str | torch.device = "cpu", seed: int = 0):
+    """The UNet of a built architecture; on ``meta`` it costs no memory (for inspection)."""
+    from diffusers import UNet2DConditionModel
+
+    arch = _architecture(spec)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return UNet2DConditionModel(**arch.unet)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**arch.unet).to(device)
+
+
+def build_pipeline(spec: str, seed: int = 0):
+    """Build the pipeline of ``spec`` (``tiny`` or ``random:*``) with seeded random weights."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    arch = _architecture(spec)
+    unet = build_unet(spec, seed=seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**arch.vae)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
+    scheduler = PNDMScheduler(**{**_SD_SCHEDULER, "prediction_type": arch.prediction_type})
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(arch.pad_token),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def built_pipeline_dir(spec: str) -> Path:
+    """The cached folder of a built spec, building and saving it (atomically) on first use."""
+    arch = _architecture(spec)
+    key = hashlib.sha256(
+        json.dumps([spec, BUILD_VERSION, arch.__dict__], sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{spec.replace(':', '-')}-{key}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    logger.info("building %s (random weights) into %s", spec, folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_pipeline(spec).save_pretrained(tmp, safe_serialization=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _architecture(spec: str) -> Architecture:
+    if spec not in ARCHITECTURES:
+        raise ModelLoadError(f"unknown built model {spec!r}: use one of {', '.join(BUILT_SPECS)}")
+    return ARCHITECTURES[spec]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def hub_offline() -> bool:
+    """True when the hub must not be asked: ``HF_HUB_OFFLINE`` is set or it cannot be reached.
+
+    Without this, an unreachable hub costs minutes of retries before any error.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return not _HUB_REACHABLE
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def default_model() -> str:
+    """The model used when none is given: ``SDATOM_MODEL`` or SD-1.5."""
+    return os.environ.get("SDATOM_MODEL") or DEFAULT_MODEL
+
+
+def load_pipeline(
+    spec: str | None = None,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    device: str | torch.device | None = "cpu",
+    xformers: bool = False,
+    config: str | None = None,
+):
+    """Turn a model spec into a ``StableDiffusionPipeline`` on ``device`` in ``dtype``.
+
+    ``config`` is the diffusers folder or hub id whose configs a single-file checkpoint uses
+    (diffusers infers it from the checkpoint when online).
+    """
+    spec = spec or default_model()
+    device = resolve_device(str(device) if device is not None else None)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    if spec in BUILT_SPECS:
+        pipe = _from_folder(built_pipeline_dir(spec), torch_dtype)
+    elif spec.startswith("random:"):
+        raise ModelLoadError(f"unknown built model {spec!r}: use one of {', '.join(BUILT_SPECS)}")
+    elif Path(spec).suffix.lower() in CHECKPOINT_SUFFIXES:
+        pipe = _from_single_file(Path(spec), torch_dtype, config)
+    elif Path(spec).exists():
+        pipe = _from_folder(Path(spec), torch_dtype)
+    else:
+        pipe = _from_hub(spec, torch_dtype)
+    check_tokenizer(pipe.tokenizer, pipe.text_encoder.config.vocab_size, spec)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    if xformers:
+        enable_xformers(pipe, device)
+    return pipe
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a folder that is not a diffusers SD-1/2 pipeline, with the reason."""
+    index = folder / "model_index.json"
+    if not folder.is_dir() or not index.is_file():
+        raise ModelLoadError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json): pass a folder "
+            "saved with save_pretrained, a hub id, a .safetensors checkpoint, or --model tiny"
+        )
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{index} is not valid JSON ({e.msg}): the folder is damaged")
+    _check_supported(cls, str(folder))
+
+
+def _check_supported(pipeline_class: str, source: str) -> None:
+    if "XL" in pipeline_class or "StableDiffusion3" in pipeline_class or "Flux" in pipeline_class:
+        raise ModelLoadError(
+            f"{source} is a {pipeline_class} model, which is not supported yet: sdatom works "
+            "with Stable Diffusion 1.x and 2.x models"
+        )
+
+
+def _from_folder(folder: Path, torch_dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    check_folder(folder)
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            folder, dtype=torch_dtype, safety_checker=None, local_files_only=True
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the pipeline in {folder}: {first_line(e)}")
+
+
+def _from_hub(model_id: str, torch_dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    offline = hub_offline()
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            model_id, dtype=torch_dtype, safety_checker=None, local_files_only=offline
+        )
+    except (OSError, ValueError) as e:
+        why = (
+            "offline: the hub cannot be reached or HF_HUB_OFFLINE is set"
+            if offline
+            else (first_line(e))
+        )
+        raise ModelLoadError(
+            f"cannot get model {model_id!r} ({why}); it is not in the local cache: pass "
+            "--model PATH (a diffusers folder or .safetensors file) or --model tiny"
+        )
+
+
+def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None):
+    from diffusers import StableDiffusionPipeline
+
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file {path} does not exist")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if config:
+        kwargs["config"] = config
+        kwargs["local_files_only"] = Path(config).exists()
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except Exception as e:  # diffusers raises many types for a bad or foreign file
+        raise ModelLoadError(
+            f"cannot load checkpoint {path}: {first_line(e)} (for an offline load pass "
+            "--model-config with the diffusers folder of the same architecture)"
+        ) from e
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
