@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The end-to-end demo on the embedded `tiny` model: build it, generate one image.
+# The whole job on the embedded `tiny` model and the project's demo subject (data/toy):
+# train atoms -> sample the evaluation prompts (adapted and base, same seeds) -> eval -> report.
+# CPU only, offline, a few minutes. Random weights: the pictures are noise-like by design.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
-OUT=${OUT:-runs/demo}
-mkdir -p "$OUT"
-"$BIN/sdatom" inspect --model tiny
-"$BIN/python" - "$OUT" <<'PY'
-import sys, torch
-from sdatom.models import load_pipeline
-pipe = load_pipeline("tiny")
-image = pipe("a photo of sks toy", num_inference_steps=4,
-             generator=torch.Generator().manual_seed(0)).images[0]
-path = f"{sys.argv[1]}/tiny.png"
-image.save(path)
-print(f"image: {path}")
-PY
+RUN=${RUN:-runs/demo}
+SDATOM="$BIN/sdatom"
+
+"$SDATOM" train --subject data/toy --class-name toy --model tiny --output "$RUN" \
+    --steps 40 --lr 1e-3 --checkpoint-every 20 --validation-every 20 --overwrite
+"$SDATOM" sample --run "$RUN" --protocol -n 2 --steps 8 --output "$RUN/samples/protocol"
+"$SDATOM" sample --run "$RUN" --protocol -n 2 --steps 8 --base --output "$RUN/samples/protocol-base"
+"$SDATOM" eval --run "$RUN" --random-backbones --device cpu
+echo
+echo "adapter: $RUN/adapter.safetensors"
+echo "images:  $RUN/samples/protocol/grid.png"
+echo "report:  $RUN/eval/report.html"

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -95,3 +96,274 @@ def inspect(
 
     report = inspect_model(model, preset=preset)
     typer.echo(json.dumps(report, indent=2) if as_json else format_inspection(report))
+
+
+def _opt(name: str, *flags: str, **kw):
+    """A Typer option whose help is the TrainConfig field's (documented once)."""
+    from sdatom.config import field_help
+
+    return typer.Option(*flags, help=field_help(name), show_default=False, **kw)
+
+
+@command
+def train(
+    subject: Annotated[str | None, _opt("subject", "--subject", "-s")] = None,
+    class_name: Annotated[str | None, _opt("class_name", "--class-name", "-c")] = None,
+    model: ModelOpt = None,
+    output: Annotated[str | None, _opt("output", "--output", "-o")] = None,
+    method: Annotated[str | None, _opt("method", "--method")] = None,
+    preset: PresetOpt = None,
+    token: Annotated[str | None, _opt("token", "--token")] = None,
+    steps: Annotated[int | None, _opt("steps", "--steps")] = None,
+    resolution: Annotated[int | None, _opt("resolution", "--resolution")] = None,
+    batch_size: Annotated[int | None, _opt("batch_size", "--batch-size")] = None,
+    grad_accum: Annotated[int | None, _opt("grad_accum", "--grad-accum")] = None,
+    lr: Annotated[float | None, _opt("lr", "--lr")] = None,
+    lr_scheduler: Annotated[str | None, _opt("lr_scheduler", "--lr-scheduler")] = None,
+    lr_warmup_steps: Annotated[int | None, _opt("lr_warmup_steps", "--lr-warmup-steps")] = None,
+    seed: Annotated[int | None, _opt("seed", "--seed")] = None,
+    prior: Annotated[bool | None, _opt("prior", "--prior/--no-prior")] = None,
+    class_dir: Annotated[str | None, _opt("class_dir", "--class-dir")] = None,
+    num_class_images: Annotated[int | None, _opt("num_class_images", "--num-class-images")] = None,
+    prior_loss_weight: Annotated[
+        float | None, _opt("prior_loss_weight", "--prior-loss-weight")
+    ] = None,
+    center_crop: Annotated[bool | None, _opt("center_crop", "--center-crop/--random-crop")] = None,
+    hflip: Annotated[float | None, _opt("hflip", "--hflip")] = None,
+    mixed_precision: Annotated[str | None, _opt("mixed_precision", "--mixed-precision")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, _opt("gradient_checkpointing", "--gradient-checkpointing")
+    ] = None,
+    cache_latents: Annotated[
+        bool | None, _opt("cache_latents", "--cache-latents/--no-cache-latents")
+    ] = None,
+    snr_gamma: Annotated[float | None, _opt("snr_gamma", "--snr-gamma")] = None,
+    noise_offset: Annotated[float | None, _opt("noise_offset", "--noise-offset")] = None,
+    max_grad_norm: Annotated[float | None, _opt("max_grad_norm", "--max-grad-norm")] = None,
+    use_8bit_adam: Annotated[bool | None, _opt("use_8bit_adam", "--use-8bit-adam")] = None,
+    lora_rank: Annotated[int | None, _opt("lora_rank", "--lora-rank")] = None,
+    validation_prompt: Annotated[
+        list[str] | None, _opt("validation_prompts", "--validation-prompt")
+    ] = None,
+    validation_every: Annotated[int | None, _opt("validation_every", "--validation-every")] = None,
+    checkpoint_every: Annotated[int | None, _opt("checkpoint_every", "--checkpoint-every")] = None,
+    keep_checkpoints: Annotated[int | None, _opt("keep_checkpoints", "--keep-checkpoints")] = None,
+    report_to: Annotated[str | None, _opt("report_to", "--report-to")] = None,
+    xformers: Annotated[bool | None, _opt("xformers", "--xformers")] = None,
+    device: Annotated[str | None, _opt("device", "--device")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML file of options; the CLI overrides it.")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Continue an interrupted run: 'latest' or a checkpoint."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a run already in --output.")
+    ] = False,
+) -> None:
+    """Train atoms (or a LoRA / full baseline) on a folder of subject photos."""
+    options = {k: v for k, v in locals().items() if k not in ("config", "resume", "overwrite")}
+    from sdatom.config import build_config
+    from sdatom.train import train as run_training
+
+    options["validation_prompts"] = options.pop("validation_prompt") or None
+    result = run_training(build_config(config, **options), resume=resume, overwrite=overwrite)
+    typer.echo(
+        f"trained {result.trainable_params:,} parameters for {result.steps} steps "
+        f"in {result.train_seconds:.1f} s\nadapter: {result.adapter}\nrun:     {result.output}"
+    )
+
+
+RunOpt = Annotated[
+    Path | None,
+    typer.Option("--run", "-r", help="Run folder written by `sdatom train` (runs/<name>)."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 (GPU) or bf16.")]
+
+
+@command
+def sample(
+    run: RunOpt = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="A prompt (repeat the option for more prompts)."),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option("--prompts-file", help="Text file: one prompt per line, # for comments."),
+    ] = None,
+    protocol: Annotated[
+        bool,
+        typer.Option("--protocol", help="sdatom's evaluation prompts for the run's subject."),
+    ] = False,
+    dreambench: Annotated[
+        Path | None,
+        typer.Option(
+            "--dreambench",
+            help="DreamBench's prompts_and_classes.txt: its 25 prompts for the run's subject "
+            "(implies --protocol).",
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="Images per prompt (image j uses seed+j).")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of each prompt's first image.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 30,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance.")] = 7.5,
+    negative_prompt: Annotated[
+        str | None, typer.Option("--negative-prompt", help="Negative prompt for every image.")
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option("--scheduler", help="ddim, dpm++ or euler. Default: the model's own."),
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option("--height", help="Pixels; default the model's.")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option("--width", help="Pixels; default the model's.")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Output folder. Default: <run>/samples/<time> or samples/<time>."
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    unmerged: Annotated[
+        bool, typer.Option("--unmerged", help="Keep the atom/LoRA layers live (not merged).")
+    ] = False,
+    base: Annotated[
+        bool,
+        typer.Option(
+            "--base", help="Sample the run's base model without its adapter (same seeds)."
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", help="Images per forward pass (>1: faster, rounding-level differences)."
+        ),
+    ] = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+) -> None:
+    """Generate images from a run's adapted model (or a plain --model), with fixed seeds."""
+    from sdatom.sample import run_sampling
+
+    result = run_sampling(
+        run=run,
+        model=model,
+        prompts=prompt or (),
+        prompts_file=prompts_file,
+        protocol=dreambench or protocol,
+        n=n,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        negative_prompt=negative_prompt,
+        scheduler=scheduler,
+        height=height,
+        width=width,
+        output=output,
+        merge=not unmerged,
+        base=base,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+    )
+    typer.echo(f"{len(result.images)} images in {result.output_dir}\ngrid: {result.grid}")
+
+
+@command
+def export(
+    run: Annotated[Path, typer.Option("--run", "-r", help="Run folder written by `sdatom train`.")],
+    merged: Annotated[
+        Path | None,
+        typer.Option("--merged", help="Write a diffusers pipeline folder, adapter folded in."),
+    ] = None,
+    single_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--single-file",
+            help="Write one .safetensors checkpoint in the original SD layout (A1111/ComfyUI).",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Saved weights: fp32, fp16 or bf16.")
+    ] = "fp32",
+    model: ModelOpt = None,
+) -> None:
+    """Export a run's model with the adapter merged in, for tools without sdatom."""
+    from sdatom.export import export as run_export
+
+    out = run_export(run, merged=merged, single_file=single_file, dtype=dtype, model=model)
+    typer.echo(f"exported: {out}")
+
+
+@command
+def eval(
+    run: Annotated[Path, typer.Option("--run", "-r", help="Run folder written by `sdatom train`.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images", help="Sampled images to score. Default: the run's newest samples."
+        ),
+    ] = None,
+    subject: Annotated[
+        Path | None, typer.Option("--subject", help="Subject photos. Default: the run's subject.")
+    ] = None,
+    base_images: Annotated[
+        Path | None,
+        typer.Option("--base-images", help="Base-model images with the same prompts and seeds."),
+    ] = None,
+    clip_model: Annotated[str, typer.Option("--clip-model", help="open_clip architecture.")] = (
+        "ViT-B-32"
+    ),
+    clip_weights: Annotated[
+        str | None, typer.Option("--clip-weights", help="Local open_clip checkpoint file.")
+    ] = None,
+    dino_weights: Annotated[
+        str | None, typer.Option("--dino-weights", help="Local DINO ViT-S/16 folder or file.")
+    ] = None,
+    random_backbones: Annotated[
+        bool,
+        typer.Option(
+            "--random-backbones", help="Random-weight backbones: smoke tests only, not quality."
+        ),
+    ] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score a run's samples: CLIP-T, CLIP-I, DINO, diversity; writes eval/report.html."""
+    from sdatom.eval.metrics import format_table
+    from sdatom.eval.run import evaluate_run
+    from sdatom.models import resolve_device
+
+    metrics = evaluate_run(
+        run,
+        images=images,
+        subject=subject,
+        base_images=base_images,
+        clip_model=clip_model,
+        clip_weights=clip_weights,
+        dino_weights=dino_weights,
+        random_backbones=random_backbones,
+        device=str(resolve_device(device)),
+    )
+    typer.echo(format_table(metrics))
+    typer.echo(f"report: {run / 'eval' / 'report.html'}")
+
+
+@command
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to compare (each evaluated).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for compare.md/.html and the plot.")
+    ] = Path("runs/compare"),
+) -> None:
+    """One table and one plot across runs: method, size, train time and every metric."""
+    from sdatom.eval.compare import compare as compare_runs
+
+    result = compare_runs(runs, output)
+    typer.echo(result["markdown"])
+    typer.echo(f"page: {output / 'compare.html'}")

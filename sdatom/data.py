@@ -513,14 +513,16 @@ def collate_dreambooth(examples: Sequence[dict], with_prior: bool) -> dict:
 
 
 def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sdatom" / "class_images"
+    from sdatom.models import cache_dir
+
+    return cache_dir() / "class_images"
 
 
 def class_image_cache_dir(model_id: str, class_prompt: str, count: int, resolution: int) -> Path:
     """Folder where the class images for (model, prompt, resolution) are cached.
 
-    ``$XDG_CACHE_HOME/sdatom/class_images/<hash>`` (``~/.cache`` when unset). ``count`` is
+    ``<sdatom cache>/class_images/<hash>`` (``$SDATOM_CACHE``, else
+    ``$XDG_CACHE_HOME/sdatom`` or ``~/.cache/sdatom``). ``count`` is
     checked but is not part of the key: asking for more images later tops up the same folder.
     The folder is not created here.
     """

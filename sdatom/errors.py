@@ -44,3 +44,9 @@ class CheckpointError(UsageError):
 
 class TrainingError(SdatomError):
     """The run itself failed (for example the loss became NaN)."""
+
+
+class Interrupted(SdatomError):
+    """The user stopped the run (Ctrl-C) after a checkpoint was saved."""
+
+    exit_code = 130

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from sdatom.errors import ModelLoadError
-from sdatom.inventory import unet_inventory
+from sdatom.inventory import layer_group, unet_inventory
 from sdatom.models import (
     ARCHITECTURES,
     build_unet,
@@ -56,10 +56,33 @@ def inspect_model(spec: str | None, preset: str | None = None) -> dict[str, Any]
     unet = meta_unet(spec)
     report: dict[str, Any] = {"model": spec or default_model(), **unet_inventory(unet)}
     if preset is not None:
-        from sdatom.atoms import preset_report
-
         report.update(preset_report(unet, preset))
     return report
+
+
+def preset_report(unet: torch.nn.Module, preset: str) -> dict[str, Any]:
+    """Trainable parameters of an atom preset (or YAML atom config) per layer group and total."""
+    from sdatom.atoms import AtomConfig, count_trainable
+
+    spec: Any = preset
+    if preset.endswith((".yaml", ".yml")):
+        if not Path(preset).is_file():
+            raise ModelLoadError(f"--preset {preset}: no such atom config file")
+        spec = AtomConfig.from_yaml(preset)
+    counts = count_trainable(unet, spec)
+    groups: dict[str, dict[str, Any]] = {}
+    for name, layer in counts["layers"].items():
+        module = unet.get_submodule(name)
+        group = layer_group(name, module) or type(module).__name__
+        entry = groups.setdefault(group, {"group": group, "layers": 0, "trainable": 0})
+        entry["layers"] += 1
+        entry["trainable"] += layer["trainable"]
+    return {
+        "preset": preset,
+        "trainable_params": counts["trainable_params"],
+        "trainable_groups": sorted(groups.values(), key=lambda g: g["group"]),
+        "adapter_bytes": {"fp32": counts["fp32_bytes"], "fp16": counts["fp16_bytes"]},
+    }
 
 
 def format_inspection(report: dict[str, Any]) -> str:

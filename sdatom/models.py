@@ -365,6 +365,7 @@ def load_pipeline(
     (diffusers infers it from the checkpoint when online).
     """
     spec = spec or default_model()
+    _quiet_loaders()
     device = resolve_device(str(device) if device is not None else None)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     if spec in BUILT_SPECS:
@@ -383,6 +384,17 @@ def load_pipeline(
     if xformers:
         enable_xformers(pipe, device)
     return pipe
+
+
+def _quiet_loaders() -> None:
+    """No loading progress bars or notices from diffusers/transformers: sdatom reports."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def check_folder(folder: Path) -> None:

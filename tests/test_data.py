@@ -583,6 +583,7 @@ def test_dataloader_with_workers_matches_in_process(tmp_path):
 
 
 def test_class_image_cache_dir_is_stable_and_keyed(tmp_path, monkeypatch):
+    monkeypatch.delenv("SDATOM_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     a = class_image_cache_dir("runwayml/sd15", "a photo of dog", 100, 512)
     assert a.parent == tmp_path / "cache" / "sdatom" / "class_images"
@@ -594,6 +595,9 @@ def test_class_image_cache_dir_is_stable_and_keyed(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     home = class_image_cache_dir("runwayml/sd15", "a photo of dog", 100, 512)
     assert home.parent == tmp_path / "home" / ".cache" / "sdatom" / "class_images"
+    monkeypatch.setenv("SDATOM_CACHE", str(tmp_path / "mine"))
+    mine = class_image_cache_dir("runwayml/sd15", "a photo of dog", 100, 512)
+    assert mine.parent == tmp_path / "mine" / "class_images"
     with pytest.raises(DataError):
         class_image_cache_dir("m", "p", 0, 512)
 

@@ -1,0 +1,226 @@
+"""Atom wrappers: AtomConv2d (filter or channel atoms) and AtomLinear (channel atoms).
+
+Like peft's tuner layers, a wrapper keeps the original module as ``base_layer`` (frozen, its
+weight never copied), exposes ``get_delta_weight`` and has three forward cases: atoms
+disabled (the base layer, unmerged first if needed), merged (the base layer), otherwise ONE
+convolution/matmul with the summed weight W0 + delta.
+
+Parameters are named ``atoms_*``: ``atoms_delta`` ΔD (trainable, zero-initialised),
+``atoms_beta`` β and ``atoms_sub`` D1 (overcomplete option), buffers ``atoms_d0`` (the atoms
+D0, saved with the adapter) and ``atoms_coef`` (P = pinv(D0) or the lasso α; not saved).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdatom.atoms import decompose as dec
+from sdatom.atoms.config import AtomConfig
+from sdatom.atoms.functional import atom_conv2d, atom_linear, channel_delta, filter_delta
+from sdatom.atoms.gemm import linear_atom_conv2d
+from sdatom.errors import AdapterError
+
+PREFIX = "atoms_"
+
+
+def atom_shapes(module: nn.Module, config: AtomConfig, mode: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of a layer's trainable tensors and of its stored atoms ``atoms_d0``.
+
+    ``mode`` is ``"filter"`` (conv filter atoms) or ``"channel"`` (channel atoms). The layers
+    create exactly these tensors, so counting from them needs no weights (meta device works).
+    Raises ValueError with the reason when the layer cannot take that kind of atoms.
+    """
+    w = module.weight
+    if mode == "filter":
+        kh, kw = w.shape[2], w.shape[3]
+        kk = kh * kw
+        m = config.num_atoms or kk
+        shapes = {"atoms_delta": (m, kk)}
+        if config.num_sub_atoms:
+            m1 = config.num_sub_atoms
+            shapes["atoms_beta"] = (w.shape[1] * m, m1)
+            shapes["atoms_sub"] = (m * m1, kh, kw)
+        shapes["atoms_d0"] = (m, kk)
+        return shapes
+    kc = config.channel_block
+    if w.dim() == 4 and tuple(w.shape[2:]) != (1, 1):
+        raise ValueError(
+            f"channel atoms need a Linear or a 1x1 conv, not a {tuple(w.shape[2:])} kernel"
+        )
+    if w.shape[0] % kc or w.shape[1] % kc:
+        raise ValueError(f"weight {tuple(w.shape[:2])} is not divisible into {kc}x{kc} blocks")
+    kk = kc * kc
+    return {
+        "atoms_delta": (config.num_channel_atoms, kk),
+        "atoms_d0": (config.num_channel_atoms, kk),
+    }
+
+
+class AtomLayer(nn.Module):
+    """Shared logic of the atom wrappers; subclasses implement ``_delta_fn``/``_base_call``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: AtomConfig,
+        mode: str,
+        *,
+        name: str = "",
+        cache_dir: Any = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.atom_config = config
+        self.atom_mode = mode
+        self.atom_name = name
+        self.merged = False
+        self.disabled = False
+        self._merged_delta: torch.Tensor | None = None
+        weight = base_layer.weight
+        shapes = atom_shapes(base_layer, config, mode)
+        factory = {"device": weight.device, "dtype": torch.float32}
+        self.atoms_delta = nn.Parameter(torch.zeros(shapes["atoms_delta"], **factory))
+        if "atoms_beta" in shapes:
+            beta = torch.randn(shapes["atoms_beta"], generator=torch.Generator().manual_seed(seed))
+            beta = beta / math.sqrt(shapes["atoms_beta"][1])
+            self.atoms_beta = nn.Parameter(beta.to(**factory))
+            self.atoms_sub = nn.Parameter(torch.zeros(shapes["atoms_sub"], **factory))
+        else:
+            self.atoms_beta = self.atoms_sub = None
+        self.register_buffer("atoms_d0", torch.zeros(shapes["atoms_d0"], **factory))
+        self.register_buffer("atoms_coef", torch.zeros(0, **factory), persistent=False)
+        self._cache_dir = cache_dir
+        if not weight.is_meta:
+            self.set_atoms(None)
+
+    # -- decomposition
+    def _rows_of(self, w: torch.Tensor) -> torch.Tensor:
+        if self.atom_mode == "filter":
+            return dec.filter_rows(w)
+        return dec.channel_rows(w.reshape(w.shape[0], w.shape[1]), self.atom_config.channel_block)
+
+    @torch.no_grad()
+    def set_atoms(self, atoms: torch.Tensor | None) -> None:
+        """(Re)build D0 and the frozen coefficients; ``atoms`` given = use these D0 (loading)."""
+        if self.merged:
+            raise AdapterError(f"{self.atom_name}: cannot change atoms while merged")
+        cfg = self.atom_config
+        rows = self._rows_of(self.base_layer.weight.detach())
+        m = self.atoms_d0.shape[0]
+        if cfg.coder == "linear":
+            d0 = dec.linear_atoms(rows, m) if atoms is None else atoms.detach().float().cpu()
+            coef = dec.projector(d0)
+        else:
+            d0, coef = dec.lasso_decompose(
+                rows,
+                m,
+                lam=cfg.lasso_lambda,
+                dict_iters=cfg.dict_iters,
+                iters=cfg.lasso_iters,
+                seed=cfg.seed,
+                cache_dir=self._cache_dir,
+                atoms=atoms,
+            )
+        if tuple(d0.shape) != tuple(self.atoms_d0.shape):
+            raise AdapterError(
+                f"{self.atom_name}: atoms of shape {tuple(d0.shape)} do not fit "
+                f"{tuple(self.atoms_d0.shape)}"
+            )
+        device = self.base_layer.weight.device
+        self.atoms_d0 = d0.to(device=device, dtype=torch.float32).contiguous()
+        self.atoms_coef = coef.to(device=device, dtype=torch.float32).contiguous()
+
+    def fit_report(self) -> dict[str, float]:
+        """Reconstruction error ‖R − αD0‖/‖R‖ and sparsity of α for this layer."""
+        w = self.base_layer.weight.detach().float()
+        if self.merged:
+            w = w - self._merged_delta
+        rows = self._rows_of(w)
+        coef = rows @ self.atoms_coef if self.atom_config.coder == "linear" else self.atoms_coef
+        return dec.fit_stats(rows, self.atoms_d0, coef)
+
+    # -- delta
+    def _factors(self) -> list[torch.Tensor]:
+        fs = [self.atoms_delta, self.atoms_coef]
+        if self.atoms_beta is not None:
+            fs += [self.atoms_beta, self.atoms_sub]
+        return fs
+
+    def _delta_fn(self, weight: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+        coder = self.atom_config.coder
+        if self.atom_mode == "filter":
+            return filter_delta(weight, *factors, coder=coder)
+        return channel_delta(weight, *factors, block=self.atom_config.channel_block, coder=coder)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """The weight update (float32, shaped like the base weight) of the current atoms."""
+        if self.merged and self._merged_delta is not None:
+            return self._merged_delta
+        return self._delta_fn(self.base_layer.weight.detach(), *self._factors())
+
+    # -- merge
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Fold the update into the base weight (safe: check finiteness on a copy first)."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        delta = self.get_delta_weight().detach()
+        merged = weight.float() + delta
+        if safe and not torch.isfinite(merged).all():
+            raise AdapterError(f"{self.atom_name}: merging the atoms gives non-finite weights")
+        weight.copy_(merged.to(weight.dtype))
+        self._merged_delta = delta
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the delta added by ``merge`` (restores the base weight up to rounding)."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self._merged_delta).to(weight.dtype))
+        self._merged_delta = None
+        self.merged = False
+
+    # -- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self._adapted_forward(x)
+
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"mode={self.atom_mode}, coder={self.atom_config.coder}, merged={self.merged}"
+
+
+class AtomConv2d(AtomLayer):
+    """A Conv2d with filter atoms (k×k atoms, or scalars for 1×1) or channel atoms (1×1)."""
+
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.atom_mode == "filter" and self.atom_config.coder == "linear":
+            if self.atoms_beta is None:  # backward without a weight gradient (atoms/gemm.py)
+                return linear_atom_conv2d(x, base, self.atoms_delta, self.atoms_coef)
+        return atom_conv2d(x, base.weight, base.bias, base, self._delta_fn, self._factors())
+
+
+class AtomLinear(AtomLayer):
+    """A Linear with channel atoms on k_c×k_c blocks of its weight."""
+
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return atom_linear(x, base.weight, base.bias, self._delta_fn, self._factors())

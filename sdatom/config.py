@@ -1,0 +1,241 @@
+"""TrainConfig: every option of a training run, validated in one place.
+
+A config comes from defaults, then a YAML file (``--config``), then command-line options.
+It never changes during a run: values derived from it (the learning rate a method defaults
+to, the number of class images, the output folder) are resolved once, before training, and
+the resolved config is what ``config.yaml`` in the run folder holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdatom import __version__
+from sdatom.errors import ConfigError
+
+METHODS = ("atoms", "lora", "full")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
+REPORT_TO = ("tensorboard", "wandb", "none")
+# Learning rates from the literature, per method: LoRA DreamBooth 1e-4 (diffusers' example),
+# full DreamBooth 5e-6 (diffusers' example), filter atoms 1e-4 (the LoCA benchmark's setting).
+DEFAULT_LR = {"atoms": 1e-4, "lora": 1e-4, "full": 5e-6}
+CONFIG_FORMAT = "sdatom-train-config/1"
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All settings of a DreamBooth-style training run (see each field's ``help``)."""
+
+    # What to train on
+    subject: str | None = _opt(None, "Folder of subject photos (3-5 photos is typical).")
+    class_name: str | None = _opt(None, "The subject's class, e.g. dog (never guessed).")
+    token: str = _opt("sks", "Placeholder token that names the subject in prompts.")
+    model: str | None = _opt(None, "Base model spec (hub id, folder, file, tiny, random:sd15).")
+    output: str | None = _opt(None, "Run folder. Default: runs/<subject folder name>.")
+    # Method
+    method: str = _opt("atoms", "What to tune: atoms, lora (peft baseline) or full (DreamBooth).")
+    preset: str = _opt("atoms-attn", "Atom preset: atoms, atoms-oc, atoms-attn.")
+    atoms: dict | None = _opt(None, "Custom atom config (AtomConfig fields); overrides preset.")
+    lora_rank: int = _opt(4, "LoRA rank (method lora).")
+    lora_targets: tuple[str, ...] = _opt(
+        ("to_k", "to_q", "to_v", "to_out.0"), "LoRA target modules (diffusers' default)."
+    )
+    # Data
+    resolution: int | None = _opt(
+        None, "Training resolution in pixels, a multiple of 8. Default: the model's own."
+    )
+    center_crop: bool = _opt(True, "Center crop (else random crop).")
+    hflip: float = _opt(0.0, "Probability of a horizontal flip.")
+    # Prior preservation
+    prior: bool = _opt(True, "Prior preservation with class images.")
+    class_dir: str | None = _opt(None, "Folder of class images (else generated and cached).")
+    num_class_images: int | None = _opt(None, "Class images to use. Default: 100, 8 for tiny.")
+    prior_loss_weight: float = _opt(1.0, "Weight of the prior-preservation loss.")
+    class_sample_steps: int | None = _opt(
+        None, "Denoising steps for generated class images. Default: 30, 4 for tiny."
+    )
+    # Optimisation
+    steps: int = _opt(400, "Optimizer steps.")
+    batch_size: int = _opt(1, "Instance images per process and step.")
+    grad_accum: int = _opt(1, "Gradient accumulation steps.")
+    lr: float | None = _opt(None, "Learning rate. Default per method: atoms/lora 1e-4, full 5e-6.")
+    lr_scheduler: str = _opt("constant", f"One of {', '.join(LR_SCHEDULERS)}.")
+    lr_warmup_steps: int = _opt(0, "Learning-rate warm-up steps.")
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay.")
+    use_8bit_adam: bool = _opt(False, "8-bit AdamW (needs bitsandbytes).")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
+    snr_gamma: float | None = _opt(None, "Min-SNR weighting gamma (5.0 is usual; off by default).")
+    noise_offset: float = _opt(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).")
+    seed: int = _opt(0, "Random seed (data order, noise, timesteps).")
+    # Speed and memory
+    mixed_precision: str = _opt("no", "Mixed precision: no, fp16, bf16.")
+    gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet.")
+    cache_latents: bool = _opt(True, "Encode each image with the VAE once.")
+    xformers: bool = _opt(False, "xformers attention (CUDA only; else torch SDPA).")
+    device: str | None = _opt(None, "Device for a single-process run (auto by default).")
+    # Validation, checkpoints, logging
+    validation_prompts: tuple[str, ...] = _opt(
+        (), "Prompts sampled during training. Default: the instance prompt."
+    )
+    validation_every: int = _opt(0, "Sample validation prompts every N steps (0 = off).")
+    validation_images: int = _opt(2, "Images per validation prompt.")
+    validation_steps: int = _opt(25, "Denoising steps of validation samples.")
+    checkpoint_every: int = _opt(100, "Save a resumable checkpoint every N steps (0 = off).")
+    keep_checkpoints: int = _opt(2, "Checkpoints to keep (oldest are deleted).")
+    report_to: str = _opt("tensorboard", "Logger: tensorboard, wandb or none.")
+    ddp_timeout: int = _opt(1800, "Seconds a process waits for the others before giving up.")
+
+    def __post_init__(self) -> None:
+        for name in ("lora_targets", "validation_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        _validate(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (None values are ignored: they mean "not given")."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        check_keys(changes, "option")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("lora_targets", "validation_prompts"):
+            out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping; unknown keys are an error naming the closest valid one."""
+        data = {k: v for k, v in data.items() if k not in ("format", "sdatom_version")}
+        check_keys(data, source)
+        for f in fields(cls):
+            if f.name in data:
+                data[f.name] = _coerce(f, data[f.name], source)
+        return cls(**data)
+
+
+def field_help(name: str) -> str:
+    """The help text of a TrainConfig field: documented once, used by the CLI too."""
+    return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
+
+
+def check_keys(data: dict[str, Any], source: str) -> None:
+    valid = [f.name for f in fields(TrainConfig)]
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """Check a YAML value against the field's type (ints are accepted for floats)."""
+    kinds = [t.strip() for t in str(f.type).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{source}: {f.name} cannot be empty")
+    for kind in kinds:
+        if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind in _TYPES and type(value) is _TYPES[kind]:
+            return value
+        if kind == "dict" and isinstance(value, dict):
+            return value
+        if kind.startswith("tuple") and isinstance(value, list | tuple | str):
+            return value
+    raise ConfigError(f"{source}: {f.name} must be {f.type}, got {value!r}")
+
+
+def _validate(c: TrainConfig) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{name}: {why}, got {getattr(c, name)!r}")
+
+    choices = {
+        "method": METHODS,
+        "mixed_precision": MIXED_PRECISION,
+        "lr_scheduler": LR_SCHEDULERS,
+        "report_to": REPORT_TO,
+    }
+    for name, allowed in choices.items():
+        if getattr(c, name) not in allowed:
+            raise bad(name, f"must be one of {', '.join(allowed)}")
+    if c.resolution is not None and (c.resolution <= 0 or c.resolution % 8):
+        raise bad("resolution", "must be a positive multiple of 8 (the VAE downsamples by 8)")
+    positive = ("steps", "batch_size", "grad_accum", "lora_rank", "validation_images")
+    for name in positive:
+        if getattr(c, name) <= 0:
+            raise bad(name, "must be a positive integer")
+    for name in ("num_class_images", "class_sample_steps"):
+        if getattr(c, name) is not None and getattr(c, name) <= 0:
+            raise bad(name, "must be a positive integer")
+    for name in ("lr_warmup_steps", "checkpoint_every", "keep_checkpoints", "validation_every"):
+        if getattr(c, name) < 0:
+            raise bad(name, "must be 0 or more")
+    if c.lr is not None and not (c.lr > 0 and math.isfinite(c.lr)):
+        raise bad("lr", "must be a positive number")
+    if not 0.0 <= c.hflip <= 1.0:
+        raise bad("hflip", "must be a probability in [0, 1]")
+    for name in ("prior_loss_weight", "max_grad_norm", "noise_offset", "adam_weight_decay"):
+        if not (getattr(c, name) >= 0 and math.isfinite(getattr(c, name))):
+            raise bad(name, "must be a number >= 0")
+    if c.snr_gamma is not None and not c.snr_gamma > 0:
+        raise bad("snr_gamma", "must be a positive number")
+    if not c.token.strip() or len(c.token.split()) != 1:
+        raise bad("token", "must be one word")
+    if c.keep_checkpoints == 0 and c.checkpoint_every:
+        raise bad("keep_checkpoints", "must be at least 1 when checkpoint_every is set")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a YAML training config (safe loader); errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return TrainConfig.from_dict(data, source=str(path))
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The YAML text of a config, tagged with its format and the sdatom version."""
+    data = {"format": CONFIG_FORMAT, "sdatom_version": __version__, **config.to_dict()}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def build_config(config_file: str | Path | None, **options: Any) -> TrainConfig:
+    """Defaults, then the YAML file, then the options given on the command line (not None).
+
+    ``preset`` may name a YAML atom config file: it then fills ``atoms``.
+    """
+    base = load_config(config_file) if config_file else TrainConfig()
+    preset = options.get("preset")
+    if preset and str(preset).endswith((".yaml", ".yml")):
+        from sdatom.atoms import AtomConfig
+
+        if not Path(preset).is_file():
+            raise ConfigError(f"--preset {preset}: no such atom config file")
+        options["atoms"] = AtomConfig.from_yaml(preset).to_dict()
+        options["preset"] = f"custom:{Path(preset).name}"
+    return base.replace(**options)

@@ -1,0 +1,384 @@
+"""Generation: n images per prompt with one fixed seed per image, PNGs, a manifest and a grid.
+
+Image ``j`` of every prompt uses seed ``seed + j`` through its own ``torch.Generator``, so one
+(prompt, seed) pair gives the same image whatever ``n``, the batch size or the prompt order,
+and a base model and an adapted one can be compared image by image.
+
+Output folder::
+
+    p000-i00.png ...   one PNG per image, with text chunks (prompt, seed, steps, model, ...)
+    manifest.json      {"images": [{"file", "prompt", "seed", "prompt_index"}], "settings": {...}}
+    grid.png           one row per prompt (or a near-square grid for a single prompt)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sdatom.errors import DataError, UsageError
+from sdatom.fileio import atomic_path, atomic_write_text
+
+__all__ = [
+    "SCHEDULERS",
+    "GeneratedSample",
+    "SampleResult",
+    "generate",
+    "make_grid",
+    "read_prompts_file",
+    "resolve_prompts",
+    "run_sampling",
+    "sample",
+]
+
+#: ``--scheduler`` names and their diffusers classes (built from the model's scheduler config).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+MANIFEST = "manifest.json"
+GRID = "grid.png"
+#: Grid cells are shrunk to at most this many pixels on a side (the PNGs keep full size).
+GRID_CELL = 256
+PROTOCOL_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class GeneratedSample:
+    """One generated image: float RGB array (H, W, 3) in [0, 1] with its prompt and seed."""
+
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """What :func:`run_sampling` wrote: the folder, its grid and the image files."""
+
+    output_dir: Path
+    grid: Path
+    images: list[Path]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _scheduler(pipe: Any, name: str | None):
+    import diffusers
+
+    if name is None:
+        return type(pipe.scheduler).from_config(pipe.scheduler.config)
+    if name not in SCHEDULERS:
+        raise UsageError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    n: int = 4,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+) -> Iterator[GeneratedSample]:
+    """Yield ``n`` images per prompt (prompt-major), image ``j`` seeded with ``seed + j``.
+
+    ``scheduler`` is ``ddim``, ``dpm++``, ``euler`` or None (a fresh copy of the model's own).
+    The pipeline's scheduler is restored afterwards. Images come as float arrays in [0, 1].
+    ``batch_size`` > 1 is faster on a GPU, but batched kernels round differently: images then
+    match the unbatched ones only up to float rounding (at most one 8-bit level in a PNG).
+    """
+    _check_counts(n=n, steps=steps, batch_size=batch_size)
+    jobs = [(i, j, p) for i, p in enumerate(prompts) for j in range(n)]
+    original = pipe.scheduler
+    pipe.scheduler = _scheduler(pipe, scheduler)
+    try:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            # One CPU generator per image: the initial noise depends on its seed only.
+            generators = [torch.Generator("cpu").manual_seed(seed + j) for _, j, _ in batch]
+            with torch.inference_mode():
+                out = pipe(
+                    prompt=[p for _, _, p in batch],
+                    negative_prompt=None
+                    if negative_prompt is None
+                    else [negative_prompt] * len(batch),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=height,
+                    width=width,
+                    generator=generators,
+                    output_type="np",
+                )
+            for (i, j, p), image in zip(batch, out.images, strict=True):
+                yield GeneratedSample(i, j, p, seed + j, np.asarray(image, dtype=np.float32))
+    finally:
+        pipe.scheduler = original
+
+
+def _check_counts(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            option = "-n" if name == "n" else f"--{name.replace('_', '-')}"
+            raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8))
+
+
+def _model_name(pipe: Any) -> str:
+    return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
+
+
+def sample(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    output_dir: str | os.PathLike,
+    n: int = 4,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    settings: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Generate ``n`` images per prompt into ``output_dir``; return the image paths.
+
+    Writes ``p{prompt:03d}-i{image:02d}.png`` (with PNG text chunks), ``manifest.json``
+    (atomically) and ``grid.png``. ``settings`` overrides manifest settings such as ``model``
+    and ``adapter`` (default: the pipeline's name and no adapter).
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise UsageError("no prompts: pass --prompt, --prompts-file or --protocol")
+    _check_counts(n=n, steps=steps, batch_size=batch_size)
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise UsageError(f"--scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is a file; pass a folder")
+    info = {
+        "model": _model_name(pipe),
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler or type(pipe.scheduler).__name__,
+        "adapter": None,
+        "negative_prompt": negative_prompt,
+        "height": height,
+        "width": width,
+        **(settings or {}),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    paths: list[Path] = []
+    cells: list[Image.Image] = []
+    for s in generate(
+        pipe,
+        prompts,
+        n=n,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        negative_prompt=negative_prompt,
+        scheduler=scheduler,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+    ):
+        image = _to_pil(s.image)
+        name = f"p{s.prompt_index:03d}-i{s.image_index:02d}.png"
+        text = {**info, "prompt": s.prompt, "seed": s.seed}
+        png = PngInfo()
+        for key in ("prompt", "seed", "negative_prompt", "steps", "guidance", "scheduler",
+                    "model", "adapter"):  # fmt: skip
+            png.add_text(key, "" if text[key] is None else str(text[key]))
+        with atomic_path(out / name) as tmp:
+            image.save(tmp, format="PNG", pnginfo=png)
+        entries.append({"file": name, "prompt": s.prompt, "seed": s.seed,
+                        "prompt_index": s.prompt_index})  # fmt: skip
+        paths.append(out / name)
+        image.thumbnail((GRID_CELL, GRID_CELL))
+        cells.append(image)
+    if info["height"] is None or info["width"] is None:
+        with Image.open(paths[0]) as first:
+            info["width"], info["height"] = first.size
+    rows = len(prompts) if len(prompts) > 1 else None
+    with atomic_path(out / GRID) as tmp:
+        make_grid(cells, rows=rows).save(tmp, format="PNG")
+    manifest = {"images": entries, "settings": info}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    return paths
+
+
+def make_grid(images: Sequence[Image.Image], rows: int | None = None) -> Image.Image:
+    """Tile same-sized images row by row: ``rows`` rows, or a near-square grid when None."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    count = len(images)
+    if rows is None:
+        cols = math.ceil(math.sqrt(count))
+        rows = math.ceil(count / cols)
+    else:
+        cols = math.ceil(count / rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, image in enumerate(images):
+        grid.paste(image, ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--prompts-file {path} does not exist") from None
+    except (IsADirectoryError, UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"--prompts-file {path} is not a UTF-8 text file ({e})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise DataError(f"--prompts-file {path} holds no prompts (one per line, # for comments)")
+    return prompts
+
+
+def resolve_prompts(
+    prompts: Sequence[str] = (),
+    prompts_file: str | os.PathLike | None = None,
+    protocol: bool | str | os.PathLike | None = None,
+    run: Any = None,
+) -> list[str]:
+    """The prompt list from ``--prompt`` values plus ``--prompts-file``, or from ``--protocol``.
+
+    ``protocol=True`` is sdatom's own prompt set for the run's subject (``token class_name``);
+    a path is DreamBench's ``prompts_and_classes.txt`` (its object or live list, by class).
+    """
+    from sdatom.prompts import is_live_class, protocol_prompts
+
+    given = [p.strip() for p in prompts if p and p.strip()]
+    if protocol not in (None, False):
+        if given or prompts_file is not None:
+            raise UsageError("--protocol replaces --prompt/--prompts-file: pass one or the other")
+        if run is None:
+            raise UsageError("--protocol needs --run (its token and class name make the prompts)")
+        source = None if protocol is True else Path(protocol)
+        return protocol_prompts(
+            run.subject_text, live=is_live_class(str(run.config["class_name"])), source=source
+        )
+    if prompts_file is not None:
+        given += read_prompts_file(prompts_file)
+    if not given:
+        raise UsageError(
+            "no prompts: pass --prompt TEXT (repeatable), --prompts-file or --protocol"
+        )
+    return given
+
+
+# ----------------------------------------------------------------------------- from options
+
+
+def _default_output(run: Any, base: bool = False) -> Path:
+    root = run.path / "samples" if run is not None else Path("samples")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-base" if base else "")
+    out, k = root / stamp, 1
+    while out.exists():
+        k += 1
+        out = root / f"{stamp}-{k}"
+    return out
+
+
+def run_sampling(
+    *,
+    run: str | os.PathLike | None = None,
+    model: str | None = None,
+    prompts: Sequence[str] = (),
+    prompts_file: str | os.PathLike | None = None,
+    protocol: bool | str | os.PathLike | None = None,
+    n: int = 4,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    output: str | os.PathLike | None = None,
+    merge: bool = True,
+    base: bool = False,
+    device: str | None = "auto",
+    dtype: str = "fp32",
+    batch_size: int = 1,
+) -> SampleResult:
+    """``sdatom sample``: load a run's adapted model (or a plain ``model``) and sample it.
+
+    With ``run``, ``model`` overrides its base model and ``base=True`` samples the base model
+    without the adapter (same prompts and seeds, for comparisons). Without ``run``, ``model``
+    (or the default model) is sampled as is. The output folder defaults to
+    ``<run>/samples/<timestamp>`` or ``samples/<timestamp>``.
+    """
+    from sdatom.models import default_model, load_pipeline
+    from sdatom.runs import load_run_pipeline, read_run
+
+    if run is None and base:
+        raise UsageError("--base needs --run (it samples the run's base model)")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise UsageError(f"--scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    _check_counts(n=n, steps=steps, batch_size=batch_size)
+    the_run = read_run(run) if run is not None else None
+    prompt_list = resolve_prompts(prompts, prompts_file, protocol, the_run)
+    if the_run is None or base:
+        spec = model or (the_run.model if the_run is not None else None) or default_model()
+        pipe = load_pipeline(spec, dtype=dtype, device=device)
+        adapter = None
+    else:
+        spec = model or the_run.model or ""
+        pipe = load_run_pipeline(the_run, merge=merge, dtype=dtype, device=device, model=model)
+        adapter = str(the_run.adapter)
+    out = Path(output) if output is not None else _default_output(the_run, base)
+    settings = {"model": spec, "adapter": adapter, "method": the_run.method if adapter else None}
+    images = sample(
+        pipe,
+        prompt_list,
+        output_dir=out,
+        n=n,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        negative_prompt=negative_prompt,
+        scheduler=scheduler,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        settings=settings,
+    )
+    return SampleResult(output_dir=out, grid=out / GRID, images=images)

@@ -1,0 +1,781 @@
+"""DreamBooth-style training of filter atoms (or LoRA / full fine-tuning baselines).
+
+Reads top to bottom: plan the run, build the model with its adapter, prepare the data (class
+images, latents, prompt embeddings), then one accelerate loop with resumable checkpoints.
+Runs unchanged under ``accelerate launch`` on any number of processes: the adapter's
+parameters are real submodules of the UNet that accelerate wraps, so their gradients are
+synchronised, and only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sdatom import __version__
+from sdatom.checkpoint import (
+    Progress,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
+from sdatom.config import DEFAULT_LR, TrainConfig, dump_config
+from sdatom.errors import CheckpointError, ConfigError, Interrupted, TrainingError, UsageError
+from sdatom.fileio import atomic_path, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "train_summary.json"
+# Config fields that may differ between a run and its resumption (they change no result).
+RESUMABLE_CHANGES = {
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "validation_every",
+    "report_to",
+    "device",
+    "ddp_timeout",
+}
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Values derived once from the config before training (the config itself never changes)."""
+
+    config: TrainConfig
+    output: Path
+    lr: float
+    num_class_images: int
+    class_sample_steps: int
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill the defaults that depend on other options, so config.yaml records what ran."""
+    from sdatom.models import default_model
+
+    if config.subject is None:
+        raise ConfigError("--subject: give the folder of subject photos")
+    if config.class_name is None or not config.class_name.strip():
+        raise ConfigError(
+            "--class-name: say what the subject is (e.g. --class-name dog); it is never guessed"
+        )
+    if config.method == "atoms":  # a bad preset or atom config fails before any loading
+        from sdatom.atoms import resolve_config as resolve_atoms
+
+        resolve_atoms(config.atoms if config.atoms is not None else config.preset)
+    from sdatom.data import find_images
+
+    find_images(config.subject)  # a missing or empty subject folder fails before any loading
+    model = config.model or default_model()
+    tiny = model == "tiny"
+    output = config.output or str(Path("runs") / Path(config.subject).resolve().name)
+    return config.replace(
+        model=model,
+        output=output,
+        lr=config.lr or DEFAULT_LR[config.method],
+        num_class_images=config.num_class_images or (8 if tiny else 100),
+        class_sample_steps=config.class_sample_steps or (4 if tiny else 30),
+        validation_prompts=config.validation_prompts
+        or (f"a photo of {config.token} {config.class_name}",),
+    )
+
+
+def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunPlan:
+    """Resolve the config and check the output folder: a finished run is never overwritten
+    silently, and an unfinished one is resumed only when asked."""
+    config = resolve_config(config)
+    output = Path(config.output)
+    finished = (output / SUMMARY_FILE).is_file()
+    started = (output / "config.yaml").is_file()
+    if resume is None and (finished or started) and not overwrite:
+        what = "a finished run" if finished else "an unfinished run"
+        hint = "" if finished else " or --resume latest to continue it"
+        raise UsageError(
+            f"--output {output} already holds {what}: pass --overwrite to replace it{hint}"
+        )
+    if output.is_dir() and not started and any(output.iterdir()):
+        raise UsageError(
+            f"--output {output} is a folder with other files in it: choose a new or empty folder"
+        )
+    if resume is not None and finished and not overwrite:
+        raise UsageError(f"--output {output} holds a finished run; nothing to resume")
+    return RunPlan(
+        config=config,
+        output=output,
+        lr=config.lr,
+        num_class_images=config.num_class_images,
+        class_sample_steps=config.class_sample_steps,
+    )
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def add_adapter(unet: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Freeze the UNet and add the method's trainable parameters; return them."""
+    unet.requires_grad_(False)
+    if config.method == "atoms":
+        from sdatom.atoms import add_atoms, trainable_parameters
+
+        add_atoms(unet, config.atoms if config.atoms is not None else config.preset)
+        return trainable_parameters(unet)
+    if config.method == "lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=list(config.lora_targets),
+            )
+        )
+        return [p for p in unet.parameters() if p.requires_grad]
+    unet.requires_grad_(True)
+    return list(unet.parameters())
+
+
+def adapter_state(unet: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for ``method`` (what was trained)."""
+    if method == "atoms":
+        from sdatom.atoms import atom_state_dict
+
+        return atom_state_dict(unet)
+    if method == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(unet)
+    return unet.state_dict()
+
+
+def load_adapter_state(unet: torch.nn.Module, method: str, state: dict[str, torch.Tensor]):
+    if method == "atoms":
+        from sdatom.atoms import load_atom_state_dict
+
+        load_atom_state_dict(unet, state)
+    elif method == "lora":
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(unet, state)
+    else:
+        unet.load_state_dict(state)
+
+
+def save_adapter(unet: torch.nn.Module, plan: RunPlan, pipe: Any) -> Path:
+    """Write the final adapter: an sdatom atoms file, a diffusers LoRA file, or a UNet folder."""
+    c = plan.config
+    if c.method == "atoms":
+        from sdatom.atoms import save_atoms
+
+        meta = {"model": c.model, "method": "atoms", "token": c.token, "class_name": c.class_name}
+        return save_atoms(unet, plan.output / "adapter.safetensors", metadata=meta)
+    if c.method == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        tmp_dir = plan.output / ".adapter.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        type(pipe).save_lora_weights(
+            tmp_dir,
+            unet_lora_layers=get_peft_model_state_dict(unet),
+            weight_name="adapter.safetensors",
+        )
+        with atomic_path(plan.output / "adapter.safetensors") as tmp:
+            shutil.move(tmp_dir / "adapter.safetensors", tmp)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return plan.output / "adapter.safetensors"
+    folder = plan.output / "unet"
+    tmp_dir = plan.output / ".unet.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    unet.save_pretrained(tmp_dir, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp_dir, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | None:
+    """Class images for prior preservation: the user's folder, or generated once and cached.
+
+    Generation is split across processes (image i on process i % N), so no process waits on
+    another for long; each image is written atomically, so a killed run never leaves a
+    half-written image that later counts.
+    """
+    from sdatom.data import (
+        class_image_cache_dir,
+        class_image_path,
+        class_prompt,
+        find_images,
+        list_cached_class_images,
+    )
+
+    c = plan.config
+    if not c.prior:
+        return None
+    if c.class_dir:
+        return find_images(c.class_dir)[: plan.num_class_images]
+    prompt = class_prompt(c.class_name)
+    folder = class_image_cache_dir(c.model, prompt, plan.num_class_images, c.resolution)
+    cached = list_cached_class_images(folder, plan.num_class_images)
+    if cached is not None:
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    logger.info("generating %d class images for %r", plan.num_class_images, prompt)
+    for i in range(rank, plan.num_class_images, world):
+        path = class_image_path(folder, i)
+        if path.is_file():
+            continue
+        image = pipe(
+            prompt,
+            num_inference_steps=plan.class_sample_steps,
+            height=c.resolution,
+            width=c.resolution,
+            generator=torch.Generator(device="cpu").manual_seed(i),
+        ).images[0]
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+    accelerator.wait_for_everyone()
+    return list_cached_class_images(folder, plan.num_class_images)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffled order that depends only on (seed, epoch): resumable and the same on every
+    process, which lets accelerate shard it."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class Encoders:
+    """The frozen VAE and text encoder, with caches: each image and prompt is encoded once."""
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, cache: bool):
+        self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.device, self.dtype, self.cache = device, dtype, cache
+        self._latents: dict[str, torch.Tensor] = {}
+        self._prompts: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 2·C, h, w): the VAE posterior's mean and log-variance of each image."""
+        out = []
+        for image in pixels:
+            key = hashlib.sha1(image.numpy().tobytes()).hexdigest() if self.cache else None
+            if key is None or key not in self._latents:
+                x = image[None].to(self.device, self.dtype)
+                moments = self.vae.encode(x).latent_dist.parameters.float()
+                if key is None:
+                    out.append(moments)
+                    continue
+                self._latents[key] = moments
+            out.append(self._latents[key])
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def prompts(self, prompts: list[str]) -> torch.Tensor:
+        for p in set(prompts) - self._prompts.keys():
+            ids = self.tokenizer(
+                p,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            self._prompts[p] = self.text_encoder(ids)[0].float()
+        return torch.cat([self._prompts[p] for p in prompts])
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def sample_generator(seed: int, step: int, micro: int, row: int) -> torch.Generator:
+    """The RNG of one training row: the same whatever the process count, so 2 processes ×
+    batch 1 draw exactly what 1 process × batch 2 draws."""
+    return torch.Generator().manual_seed(hash((seed, step, micro, row)) % (2**63))
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    moments: torch.Tensor,
+    embeddings: torch.Tensor,
+    is_prior: torch.Tensor,
+    generators: list[torch.Generator],
+    config: TrainConfig,
+    scaling_factor: float,
+) -> torch.Tensor:
+    """The DreamBooth loss: MSE to the noise (or velocity) target, instance rows plus
+    ``prior_loss_weight`` × class rows, with optional min-SNR weighting and noise offset."""
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    draws = [torch.randn(mean.shape[1:], generator=g) for g in generators]
+    latents = (mean + std * torch.stack(draws).to(mean.device)) * scaling_factor
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+    if config.noise_offset:
+        offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in generators])
+        noise = noise + config.noise_offset * offset
+    noise = noise.to(latents.device)
+    n_train = scheduler.config.num_train_timesteps
+    t = torch.stack([torch.randint(0, n_train, (), generator=g) for g in generators])
+    t = t.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        raise ConfigError(f"the model's scheduler predicts {prediction_type!r}: not supported")
+    # Inputs stay fp32: under mixed precision accelerate runs the UNet in autocast.
+    pred = unet(noisy, t, embeddings).sample
+    per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config.snr_gamma is not None:
+        snr = snr_of(scheduler, t)
+        weight = torch.clamp(snr, max=config.snr_gamma) / snr
+        if prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=config.snr_gamma) / (snr + 1)
+        per_row = per_row * weight
+    loss = per_row[~is_prior].mean()
+    if is_prior.any():
+        loss = loss + config.prior_loss_weight * per_row[is_prior].mean()
+    return loss
+
+
+def snr_of(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of timesteps ``t`` (Min-SNR weighting, Hang et al. 2023)."""
+    alphas = scheduler.alphas_cumprod.to(t.device)[t].float()
+    return alphas / (1 - alphas)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output: Path
+    adapter: Path
+    steps: int
+    train_seconds: float
+    trainable_params: int
+    final_loss: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C into a flag checked between steps (save, then exit cleanly)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def make_accelerator(config: TrainConfig, output: Path):
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    report_to = None if config.report_to == "none" else config.report_to
+    cpu = not torch.cuda.is_available() or (config.device or "").startswith("cpu")
+    return Accelerator(
+        gradient_accumulation_steps=config.grad_accum,
+        mixed_precision=config.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output), logging_dir=str(output / "logs")
+        ),
+        cpu=cpu,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+    )
+
+
+def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig, lr: float):
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UsageError("--use-8bit-adam needs bitsandbytes: pip install 'sdatom[bnb]'")
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.adam_weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.adam_weight_decay)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    progress_bar: bool = True,
+) -> TrainResult:
+    """Train the configured adapter on a subject folder and write the run folder.
+
+    ``resume``: ``"latest"`` or a checkpoint folder, to continue an interrupted run exactly.
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from sdatom.data import DreamBoothDataset, collate_dreambooth
+    from sdatom.models import enable_xformers, load_pipeline
+
+    plan = plan_run(config, resume=resume, overwrite=overwrite)
+    accelerator = make_accelerator(plan.config, plan.output)
+    pipe = load_pipeline(plan.config.model, dtype="fp32", device=accelerator.device)
+    if plan.config.resolution is None:  # the model's native resolution
+        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        plan = replace(plan, config=plan.config.replace(resolution=native))
+    c = plan.config
+    checkpoint = _find_resume(plan, resume)
+    if accelerator.is_main_process:
+        if overwrite and resume is None and plan.output.exists():
+            shutil.rmtree(plan.output)
+        plan.output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(plan.output / "config.yaml", dump_config(c))
+    accelerator.wait_for_everyone()
+
+    # -- build: the base model, frozen, with the method's trainable parameters
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        c.mixed_precision
+    ]
+    if c.xformers:
+        enable_xformers(pipe, accelerator.device)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    images = class_images(plan, pipe, accelerator)
+    unet = pipe.unet
+    params = add_adapter(unet, c)
+    if c.method != "full" and weight_dtype != torch.float32:
+        # Frozen weights in the compute dtype; trainable parameters stay in fp32.
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(weight_dtype)
+    pipe.vae.to(dtype=weight_dtype)
+    pipe.text_encoder.to(dtype=weight_dtype)
+    if c.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable_count = sum(p.numel() for p in params)
+
+    # -- data
+    dataset = DreamBoothDataset(
+        c.subject,
+        token=c.token,
+        class_name=c.class_name,
+        resolution=c.resolution,
+        class_images=images,
+        center_crop=c.center_crop,
+        hflip_prob=c.hflip,
+        seed=c.seed,
+    )
+    sampler = EpochSampler(len(dataset), c.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=c.batch_size,
+        sampler=sampler,
+        collate_fn=lambda ex: collate_dreambooth(ex, dataset.with_prior),
+    )
+    encoders = Encoders(pipe, accelerator.device, weight_dtype, c.cache_latents)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    # -- optimizer and schedule (accelerate steps the scheduler once per process)
+    optimizer = _optimizer(params, c, plan.lr)
+    lr_scheduler = get_scheduler(
+        c.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=c.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=c.steps * accelerator.num_processes,
+    )
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, loader, lr_scheduler
+    )
+    batches_per_epoch = len(loader)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / c.grad_accum))
+    num_epochs = math.ceil(c.steps / steps_per_epoch)
+
+    # -- resume
+    progress = Progress(step=0, epoch=0, batches_in_epoch=0)
+    if checkpoint is not None:
+        load_adapter_state(accelerator.unwrap_model(unet), c.method, checkpoint.trainable)
+        checkpoint.restore(optimizer, lr_scheduler, accelerator.scaler)
+        progress = checkpoint.progress
+        logger.info("resumed from %s at step %d", checkpoint.path, progress.step)
+    if accelerator.is_main_process and c.report_to != "none":
+        accelerator.init_trackers("sdatom", config=_flat_for_trackers(c))
+
+    # -- loop
+    bar = tqdm(
+        total=c.steps,
+        initial=progress.step,
+        disable=not (progress_bar and accelerator.is_local_main_process),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    step = progress.step
+    train_seconds = 0.0
+    last_loss = float("nan")
+    unet.train()
+    with _Interrupt() as interrupt:
+        for epoch in range(progress.epoch, num_epochs):
+            if step >= c.steps:
+                break
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            batch_index = skip
+            for batch in epoch_loader:
+                started = time.perf_counter()
+                micro = batch_index % c.grad_accum
+                with accelerator.accumulate(unet):
+                    loss = _loss_of_batch(
+                        batch, unet, noise_scheduler, encoders, pipe, c, accelerator, step, micro
+                    )
+                    status = _check_status(loss, interrupt, accelerator)
+                    if status["nonfinite"]:
+                        _stop_on_nonfinite(plan, step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and c.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, c.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                batch_index += 1
+                train_seconds += time.perf_counter() - started
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                last_loss = loss.detach().item()
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                accelerator.log({"loss": last_loss, "lr": lr}, step=step)
+                here = Progress(step, epoch, batch_index)
+                if c.validation_every and step % c.validation_every == 0:
+                    validate(pipe, accelerator.unwrap_model(unet), plan, accelerator, step)
+                interrupted = status["interrupted"]
+                if (c.checkpoint_every and step % c.checkpoint_every == 0) or interrupted:
+                    path = _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, here)
+                    if interrupted:
+                        raise Interrupted(
+                            f"interrupted at step {step}; checkpoint saved in {path}. Continue "
+                            f"with the same command plus --resume latest"
+                        )
+                if step >= c.steps:
+                    break
+    bar.close()
+
+    # -- save
+    accelerator.wait_for_everyone()
+    result = None
+    if accelerator.is_main_process:
+        adapter = save_adapter(accelerator.unwrap_model(unet), plan, pipe)
+        summary = {
+            "method": c.method,
+            "preset": c.preset if c.method == "atoms" else None,
+            "model": c.model,
+            "trainable_params": trainable_count,
+            "adapter_bytes": _size(adapter),
+            "train_seconds": round(train_seconds, 3),
+            "seconds_per_step": round(train_seconds / max(1, step - progress.step), 4),
+            "steps": step,
+            "final_loss": last_loss,
+            "token": c.token,
+            "class_name": c.class_name,
+            "subject": str(c.subject),
+            "processes": accelerator.num_processes,
+            "sdatom_version": __version__,
+        }
+        atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))
+        result = TrainResult(
+            plan.output, adapter, step, train_seconds, trainable_count, last_loss, summary
+        )
+    accelerator.end_training()
+    if result is None:  # other processes report the same run without writing it
+        result = TrainResult(
+            plan.output,
+            plan.output / "adapter.safetensors",
+            step,
+            train_seconds,
+            trainable_count,
+            last_loss,
+        )
+    return result
+
+
+def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step, micro):
+    rows = batch["pixels"].shape[0]
+    n_inst = int((~batch["is_prior"]).sum())
+    # Global row index: instance rows, then class rows, numbered as one process would.
+    base = accelerator.process_index * n_inst
+    gens = []
+    for r in range(rows):
+        prior = bool(batch["is_prior"][r])
+        local = r - n_inst if prior else r
+        gens.append(sample_generator(c.seed, step, micro, (base + local) * 2 + int(prior)))
+    moments = encoders.latent_moments(batch["pixels"].cpu())
+    embeddings = encoders.prompts(batch["prompts"])
+    return diffusion_loss(
+        unet,
+        scheduler,
+        moments,
+        embeddings,
+        batch["is_prior"].to(moments.device),
+        gens,
+        c,
+        pipe.vae.config.scaling_factor,
+    )
+
+
+def _check_status(loss: torch.Tensor, interrupt: _Interrupt, accelerator) -> dict[str, bool]:
+    """One collective per step: did any process see a non-finite loss or a Ctrl-C?"""
+    flags = torch.tensor(
+        [float(not torch.isfinite(loss.detach()).item()), float(interrupt.requested)],
+        device=accelerator.device,
+    )
+    flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
+    return {"nonfinite": bool(flags[0] > 0), "interrupted": bool(flags[1] > 0)}
+
+
+def _stop_on_nonfinite(plan: RunPlan, step: int) -> None:
+    """The loss is NaN/inf: stop before it reaches the parameters; checkpoints stay good."""
+    c = plan.config
+    kept = ""
+    if c.checkpoint_every:
+        from sdatom.checkpoint import list_checkpoints
+
+        found = list_checkpoints(plan.output)
+        kept = f"; the last good checkpoint is {found[-1][1]}" if found else ""
+    raise TrainingError(
+        f"the loss became non-finite at step {step + 1} (lr {c.lr:g}, mixed precision "
+        f"{c.mixed_precision}): lower --lr, or train in fp32/bf16 instead of fp16{kept}"
+    )
+
+
+def _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, progress: Progress):
+    c = plan.config
+    folder = plan.output / "checkpoints" / f"step-{progress.step:06d}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(
+            folder,
+            progress=progress,
+            trainable=adapter_state(accelerator.unwrap_model(unet), c.method),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scaler=accelerator.scaler,
+            config=c.to_dict(),
+        )
+        prune_checkpoints(plan.output, c.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _find_resume(plan: RunPlan, resume: str | None):
+    if resume is None:
+        return None
+    path = latest_checkpoint(plan.output) if resume == "latest" else Path(resume)
+    checkpoint = read_checkpoint(path)
+    saved = TrainConfig.from_dict(checkpoint.config, source=f"{path}/state.json")
+    differs = [
+        k
+        for k, v in plan.config.to_dict().items()
+        if k not in RESUMABLE_CHANGES and saved.to_dict().get(k) != v
+    ]
+    if differs:
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint was made with different {', '.join(differs)}; "
+            "resume with the options of the original run"
+        )
+    return checkpoint
+
+
+@torch.no_grad()
+def validate(pipe: Any, unet: torch.nn.Module, plan: RunPlan, accelerator, step: int) -> None:
+    """Sample the validation prompts with fixed seeds into ``samples/step-N/``.
+
+    The images are shared out across processes (image i on process i % N), so every
+    process works and none waits long on another.
+    """
+    c = plan.config
+    folder = plan.output / "samples" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = unet.training
+    unet.eval()
+    jobs = [(p, i) for p, _ in enumerate(c.validation_prompts) for i in range(c.validation_images)]
+    original_unet = pipe.unet
+    pipe.unet = unet
+    try:
+        for k in range(accelerator.process_index, len(jobs), accelerator.num_processes):
+            p, i = jobs[k]
+            with accelerator.autocast():
+                image = pipe(
+                    c.validation_prompts[p],
+                    num_inference_steps=c.validation_steps,
+                    height=c.resolution,
+                    width=c.resolution,
+                    generator=torch.Generator(device="cpu").manual_seed(c.seed + i),
+                ).images[0]
+            with atomic_path(folder / f"p{p:03d}-i{i:02d}.png") as tmp:
+                image.save(tmp, format="PNG")
+    finally:
+        pipe.unet = original_unet
+        unet.train(was_training)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        logger.info("step %d: validation samples in %s", step, folder)
+
+
+def _flat_for_trackers(c: TrainConfig) -> dict[str, Any]:
+    return {
+        k: (v if isinstance(v, int | float | str | bool) else str(v))
+        for k, v in c.to_dict().items()
+    }
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size

@@ -1,0 +1,163 @@
+"""Adapter files: round trip, metadata, refusals (foreign, truncated, wrong base)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import sdatom
+from sdatom.atoms import (
+    AtomConfig,
+    add_atoms,
+    atom_state_dict,
+    load_atom_state_dict,
+    load_atoms,
+    merge_atoms,
+    read_atoms_metadata,
+    save_atoms,
+    trainable_parameters,
+)
+from sdatom.errors import AdapterError, ConfigError
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.Flatten(1),
+        nn.Linear(8 * 16, 8),
+    )
+
+
+CFG = AtomConfig(num_sub_atoms=2, channel_modules=["4"])
+
+
+def _trained(cfg=CFG, seed=0, cache_dir=None):
+    net = _net(seed)
+    add_atoms(net, cfg, cache_dir=cache_dir)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in trainable_parameters(net):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return net
+
+
+class Pipe:
+    def __init__(self, unet):
+        self.unet = unet
+
+
+X = torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "cfg", [CFG, AtomConfig(coder="lasso", dict_iters=2)], ids=["linear-oc-channel", "lasso"]
+)
+def test_round_trip_into_a_fresh_model(tmp_path, cfg):
+    net = _trained(cfg, cache_dir=tmp_path)
+    want = net(X)
+    path = save_atoms(net, tmp_path / "a.safetensors", metadata={"subject": "dog"})
+    fresh = _net()
+    loaded = load_atoms(Pipe(fresh), path, cache_dir=tmp_path)
+    assert loaded == (["0", "2", "4"] if cfg is CFG else ["0", "2"])
+    torch.testing.assert_close(fresh(X), want, rtol=1e-5, atol=1e-6)
+    merge_atoms(fresh)
+    torch.testing.assert_close(fresh(X), want, rtol=1e-5, atol=1e-5)
+
+
+def test_file_holds_only_atoms_and_metadata(tmp_path):
+    net = _trained()
+    path = save_atoms(net, tmp_path / "a.safetensors", metadata={"subject": "dog"})
+    meta = read_atoms_metadata(path)
+    assert meta["format"] == "sdatom-atoms" and meta["format_version"] == "1"
+    assert meta["sdatom_version"] == sdatom.__version__ and meta["subject"] == "dog"
+    assert AtomConfig.from_dict(meta["config"]) == CFG
+    assert meta["layers"]["0"]["weight_shape"] == [8, 3, 3, 3]
+    assert len(meta["base_fingerprint"]) == 16
+    keys = set(atom_state_dict(net))
+    assert keys == {
+        f"{n}.{t}"
+        for n in ("0", "2")
+        for t in ("atoms_delta", "atoms_beta", "atoms_sub", "atoms_d0")
+    } | {"4.atoms_delta", "4.atoms_d0"}
+    assert not any("base_layer" in k or "coef" in k for k in keys)
+    with pytest.raises(ConfigError, match="reserved"):
+        save_atoms(net, tmp_path / "b.safetensors", metadata={"format": "x"})
+
+
+def test_fingerprint_ignores_dtype_and_merging(tmp_path):
+    net = _trained()
+    fp = read_atoms_metadata(save_atoms(net, tmp_path / "a.safetensors"))["base_fingerprint"]
+    merge_atoms(net)
+    merged = read_atoms_metadata(save_atoms(net, tmp_path / "m.safetensors"))
+    assert merged["base_fingerprint"] == fp
+    half = _net().half()
+    load_atoms(half, tmp_path / "a.safetensors")  # an fp16 copy of the base is accepted
+
+
+def test_state_dict_helpers_round_trip():
+    net = _trained()
+    sd = {k: v.clone() for k, v in atom_state_dict(net).items()}
+    other = _net()
+    add_atoms(other, CFG)
+    assert load_atom_state_dict(other, sd) == ["0", "2", "4"]
+    torch.testing.assert_close(other(X), net(X))
+    with pytest.raises(AdapterError, match="missing"):
+        load_atom_state_dict(other, {k: v for k, v in sd.items() if not k.startswith("0.")})
+
+
+def test_wrong_base_model_is_refused_unless_forced(tmp_path):
+    path = save_atoms(_trained(), tmp_path / "a.safetensors")
+    with pytest.raises(
+        AdapterError,
+        match=r"a\.safetensors: does not match this base model.*"
+        r"different base weights.*force=True",
+    ):
+        load_atoms(_net(seed=1), path)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1))
+    with pytest.raises(AdapterError, match="shape"):
+        load_atoms(other, path)
+    with pytest.raises(AdapterError, match="no layer matches"):
+        load_atoms(_net(seed=1), path, force=True)
+    partial = copy.deepcopy(_net())
+    with torch.no_grad():
+        partial[2].weight.add_(1.0)
+    with pytest.warns(UserWarning, match="loading the 2 matching layers"):
+        assert load_atoms(partial, path, force=True) == ["0", "4"]
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = save_atoms(_trained(), tmp_path / "a.safetensors")
+    data = path.read_bytes()
+    for cut in (len(data) - 10, 40):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(AdapterError, match=f"cut{cut}.safetensors: .*truncated or corrupt"):
+            load_atoms(_net(), bad)
+
+
+def test_lora_and_foreign_files_are_refused(tmp_path):
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.to_q.lora_A.weight": torch.zeros(4, 8)}, str(lora))
+    with pytest.raises(AdapterError, match="looks like a LoRA file") as err:
+        load_atoms(_net(), lora)
+    assert "\n" not in str(err.value)
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.ones(())}, str(kohya))
+    with pytest.raises(AdapterError, match="looks like a LoRA file"):
+        load_atoms(_net(), kohya)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match="not an sdatom atoms file"):
+        read_atoms_metadata(other)
+    text = tmp_path / "notes.safetensors"
+    text.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        load_atoms(_net(), text)
+    with pytest.raises(AdapterError, match="no such adapter file"):
+        load_atoms(_net(), tmp_path / "missing.safetensors")
