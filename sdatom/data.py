@@ -110,7 +110,8 @@ def _find_images(root: Path, *, recursive: bool, subject: bool) -> list[Path]:
     if subdirs:
         names = ", ".join(p.name for p in sorted(subdirs))
         warnings.warn(
-            f"ignoring nested folder(s) in {root}: {names} (use recursive=True to include them)",
+            f"ignoring nested folder(s) in {root}: {names} (their images are not used; move "
+            "them up into the folder, or call find_images with recursive=True)",
             stacklevel=3,
         )
     if others:

@@ -457,6 +457,8 @@ def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None):
 
     if not path.is_file():
         raise ModelLoadError(f"checkpoint file {path} does not exist")
+    if path.suffix.lower() == ".safetensors":
+        _check_safetensors_header(path)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if config:
         kwargs["config"] = config
@@ -464,10 +466,43 @@ def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None):
     try:
         return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     except Exception as e:  # diffusers raises many types for a bad or foreign file
+        raise ModelLoadError(_single_file_problem(path, e, config)) from e
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """A truncated or corrupt .safetensors file is named as such (the header is read only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(
-            f"cannot load checkpoint {path}: {first_line(e)} (for an offline load pass "
-            "--model-config with the diffusers folder of the same architecture)"
-        ) from e
+            f"cannot load checkpoint {path}: not a readable safetensors file ({first_line(e)}); "
+            "it is truncated or corrupt: download it again"
+        ) from None
+
+
+def _single_file_problem(path: Path, e: BaseException, config: str | None) -> str:
+    chain, cause = [], e
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any("Unable to load weights" in str(x) for x in chain):
+        # diffusers' torch.load runs with weights_only=True: a pickle that holds more than
+        # tensors is refused, never executed.
+        return (
+            f"cannot load checkpoint {path}: not a readable checkpoint (corrupt, or a pickle "
+            "holding more than plain tensors, which is never run); use a .safetensors file"
+        )
+    offline = any(n in type(x).__name__ for x in chain for n in ("LocalEntryNotFound", "Offline"))
+    if config is None and offline:
+        return (
+            f"cannot load checkpoint {path}: offline (HF_HUB_OFFLINE is set or the hub cannot "
+            "be reached), diffusers cannot fetch the configs of its architecture: pass a "
+            "diffusers pipeline folder instead"
+        )
+    return f"cannot load checkpoint {path}: {first_line(e)}"
 
 
 def first_line(e: BaseException) -> str:

@@ -390,6 +390,7 @@ class TrainResult:
     trainable_params: int
     final_loss: float
     summary: dict[str, Any] = field(default_factory=dict)
+    unet: torch.nn.Module | None = field(default=None, repr=False)  # the trained UNet
 
 
 class _Interrupt:
@@ -418,8 +419,13 @@ class _Interrupt:
 
 def make_accelerator(config: TrainConfig, output: Path):
     from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
+    # train() may run several times in one process (a notebook, the tests): start each run
+    # from its own settings. The distributed state (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     report_to = None if config.report_to == "none" else config.report_to
     cpu = not torch.cuda.is_available() or (config.device or "").startswith("cpu")
     return Accelerator(
@@ -561,10 +567,14 @@ def train(
         for epoch in range(progress.epoch, num_epochs):
             if step >= c.steps:
                 break
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
             skip = progress.batches_in_epoch if epoch == progress.epoch else 0
             epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            # accelerate's loaders count their own iterations and set the epoch from that
+            # count when iterated; a resumed run must set it from the real epoch instead.
+            if hasattr(epoch_loader, "set_epoch"):
+                epoch_loader.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             batch_index = skip
             for batch in epoch_loader:
                 started = time.perf_counter()
@@ -609,7 +619,6 @@ def train(
 
     # -- save
     accelerator.wait_for_everyone()
-    result = None
     if accelerator.is_main_process:
         adapter = save_adapter(accelerator.unwrap_model(unet), plan, pipe)
         summary = {
@@ -629,20 +638,19 @@ def train(
             "sdatom_version": __version__,
         }
         atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))
-        result = TrainResult(
-            plan.output, adapter, step, train_seconds, trainable_count, last_loss, summary
-        )
+    else:  # other processes report the same run without writing it
+        adapter, summary = plan.output / "adapter.safetensors", {}
     accelerator.end_training()
-    if result is None:  # other processes report the same run without writing it
-        result = TrainResult(
-            plan.output,
-            plan.output / "adapter.safetensors",
-            step,
-            train_seconds,
-            trainable_count,
-            last_loss,
-        )
-    return result
+    return TrainResult(
+        plan.output,
+        adapter,
+        step,
+        train_seconds,
+        trainable_count,
+        last_loss,
+        summary,
+        unet=accelerator.unwrap_model(unet),
+    )
 
 
 def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step, micro):

@@ -161,3 +161,13 @@ def test_lora_and_foreign_files_are_refused(tmp_path):
         load_atoms(_net(), text)
     with pytest.raises(AdapterError, match="no such adapter file"):
         load_atoms(_net(), tmp_path / "missing.safetensors")
+
+
+def test_fingerprint_probe_stays_inside_large_weights():
+    from sdatom.atoms.io import _probe
+
+    # 29,491,200 elements: a float32 linspace ends one past the last index here.
+    weight = torch.zeros(1280, 2560, 3, 3)
+    weight.view(-1)[-1] = 7.0
+    probe = _probe(weight)
+    assert len(probe) == 64 and probe[-1] == 7.0

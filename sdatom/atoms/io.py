@@ -92,7 +92,9 @@ def _check_shape(key: str, value: torch.Tensor, target: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- fingerprints
 def _probe(weight: torch.Tensor, merged_delta: torch.Tensor | None = None) -> list[float]:
     flat = weight.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _PROBE_SIZE)).long()
+    # Evenly spaced integer positions (float32 linspace rounds past the end of big weights).
+    n, k = flat.numel(), min(flat.numel(), _PROBE_SIZE)
+    idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
     vals = flat[idx.to(flat.device)].float()
     if merged_delta is not None:
         vals = vals - merged_delta.reshape(-1)[idx.to(flat.device)]
