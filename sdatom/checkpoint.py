@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sdatom.errors import CheckpointError
+from sdatom.errors import CheckpointError, TrainingError
 from sdatom.fileio import _fsync_dir
 
 STATE_FILE = "state.json"
@@ -118,6 +118,22 @@ def save_checkpoint(
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, progress, trainable, optimizer, lr_scheduler, scaler, config)
+        _replace_folder(tmp, folder)
+    except OSError as e:  # a full disk, most often: the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(
+            f"cannot write checkpoint {folder}: {e.strerror or e}; the previous checkpoints are "
+            "kept: free some space, then continue with --resume latest"
+        ) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_checkpoint(tmp, progress, trainable, optimizer, lr_scheduler, scaler, config):
     tmp.mkdir(parents=True)
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_state()
@@ -141,11 +157,27 @@ def save_checkpoint(
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Move ``new`` to ``folder``; an existing ``folder`` is first renamed out of the way
+    (hidden, so it stops counting) and deleted afterwards: no crash leaves a torn one."""
     if folder.exists():  # the same step saved again (e.g. on Ctrl-C right after a save)
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+        _delete_folder(folder, then=lambda: os.replace(new, folder))
+    else:
+        os.replace(new, folder)
     _fsync_dir(folder.parent)
-    return folder
+
+
+def _delete_folder(path: Path, then=None) -> None:
+    """Delete a checkpoint folder so that a crash half-way never leaves a counting torn one."""
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    _fsync_dir(path.parent)
+    if then is not None:
+        then()
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -223,9 +255,9 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     removed = []
     for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        _delete_folder(path)
         removed.append(path)
     if root.is_dir():
-        for stale in root.glob(".*.tmp*"):
+        for stale in [*root.glob(".*.tmp*"), *root.glob(".*.old*")]:
             shutil.rmtree(stale, ignore_errors=True)
     return removed

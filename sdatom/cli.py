@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from sdatom import __version__
-from sdatom.errors import SdatomError
+from sdatom.errors import Interrupted, SdatomError
 
 app = typer.Typer(
     name="sdatom",
@@ -56,6 +56,9 @@ def command(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:  # before or outside the training loop: nothing to save
+            typer.secho("interrupted; nothing was saved", fg=typer.colors.RED, err=True)
+            raise typer.Exit(Interrupted.exit_code)
         except SdatomError as e:
             if os.environ.get("SDATOM_DEBUG"):
                 raise
@@ -110,6 +113,7 @@ def train(
     subject: Annotated[str | None, _opt("subject", "--subject", "-s")] = None,
     class_name: Annotated[str | None, _opt("class_name", "--class-name", "-c")] = None,
     model: ModelOpt = None,
+    model_config: Annotated[str | None, _opt("model_config", "--model-config")] = None,
     output: Annotated[str | None, _opt("output", "--output", "-o")] = None,
     method: Annotated[str | None, _opt("method", "--method")] = None,
     preset: PresetOpt = None,
@@ -247,6 +251,10 @@ def sample(
     ] = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
+    model_config: Annotated[
+        str | None,
+        typer.Option("--model-config", help="For a single-file --model: its diffusers configs."),
+    ] = None,
 ) -> None:
     """Generate images from a run's adapted model (or a plain --model), with fixed seeds."""
     from sdatom.sample import run_sampling
@@ -271,6 +279,7 @@ def sample(
         device=device,
         dtype=dtype,
         batch_size=batch_size,
+        model_config=model_config,
     )
     typer.echo(f"{len(result.images)} images in {result.output_dir}\ngrid: {result.grid}")
 

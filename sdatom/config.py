@@ -43,6 +43,9 @@ class TrainConfig:
     class_name: str | None = _opt(None, "The subject's class, e.g. dog (never guessed).")
     token: str = _opt("sks", "Placeholder token that names the subject in prompts.")
     model: str | None = _opt(None, "Base model spec (hub id, folder, file, tiny, random:sd15).")
+    model_config: str | None = _opt(
+        None, "For a single-file --model: the diffusers folder or hub id of its configs."
+    )
     output: str | None = _opt(None, "Run folder. Default: runs/<subject folder name>.")
     # Method
     method: str = _opt("atoms", "What to tune: atoms, lora (peft baseline) or full (DreamBooth).")

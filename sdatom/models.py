@@ -499,8 +499,9 @@ def _single_file_problem(path: Path, e: BaseException, config: str | None) -> st
     if config is None and offline:
         return (
             f"cannot load checkpoint {path}: offline (HF_HUB_OFFLINE is set or the hub cannot "
-            "be reached), diffusers cannot fetch the configs of its architecture: pass a "
-            "diffusers pipeline folder instead"
+            "be reached), diffusers cannot fetch the configs of its architecture: pass "
+            "--model-config with a diffusers folder of the same architecture, or use a "
+            "diffusers pipeline folder as --model"
         )
     return f"cannot load checkpoint {path}: {first_line(e)}"
 

@@ -139,6 +139,7 @@ def load_run_pipeline(
     device: str | torch.device | None = "cpu",
     model: str | None = None,
     xformers: bool = False,
+    model_config: str | None = None,
 ):
     """Load the run's base model (or ``model`` instead) and apply the run's trained adapter.
 
@@ -155,7 +156,8 @@ def load_run_pipeline(
         raise ConfigError(
             f"{run.path / CONFIG_FILE} names no 'model'; pass the base model with --model"
         )
-    pipe = load_pipeline(spec, dtype=dtype, device=device, xformers=xformers)
+    model_config = model_config or (None if model else run.config.get("model_config"))
+    pipe = load_pipeline(spec, dtype=dtype, device=device, xformers=xformers, config=model_config)
     if run.method == "atoms":
         from sdatom.atoms import load_atoms, merge_atoms
 

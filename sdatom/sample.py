@@ -338,6 +338,7 @@ def run_sampling(
     device: str | None = "auto",
     dtype: str = "fp32",
     batch_size: int = 1,
+    model_config: str | None = None,
 ) -> SampleResult:
     """``sdatom sample``: load a run's adapted model (or a plain ``model``) and sample it.
 
@@ -358,11 +359,13 @@ def run_sampling(
     prompt_list = resolve_prompts(prompts, prompts_file, protocol, the_run)
     if the_run is None or base:
         spec = model or (the_run.model if the_run is not None else None) or default_model()
-        pipe = load_pipeline(spec, dtype=dtype, device=device)
+        pipe = load_pipeline(spec, dtype=dtype, device=device, config=model_config)
         adapter = None
     else:
         spec = model or the_run.model or ""
-        pipe = load_run_pipeline(the_run, merge=merge, dtype=dtype, device=device, model=model)
+        pipe = load_run_pipeline(
+            the_run, merge=merge, dtype=dtype, device=device, model=model, model_config=model_config
+        )
         adapter = str(the_run.adapter)
     out = Path(output) if output is not None else _default_output(the_run, base)
     settings = {"model": spec, "adapter": adapter, "method": the_run.method if adapter else None}

@@ -61,6 +61,7 @@ class RunPlan:
 
     config: TrainConfig
     output: Path
+    subject_images: tuple[Path, ...]
     lr: float
     num_class_images: int
     class_sample_steps: int
@@ -80,9 +81,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         from sdatom.atoms import resolve_config as resolve_atoms
 
         resolve_atoms(config.atoms if config.atoms is not None else config.preset)
-    from sdatom.data import find_images
-
-    find_images(config.subject)  # a missing or empty subject folder fails before any loading
     model = config.model or default_model()
     tiny = model == "tiny"
     output = config.output or str(Path("runs") / Path(config.subject).resolve().name)
@@ -100,7 +98,11 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunPlan:
     """Resolve the config and check the output folder: a finished run is never overwritten
     silently, and an unfinished one is resumed only when asked."""
+    from sdatom.data import find_images
+
     config = resolve_config(config)
+    # Listed once (its warnings printed once); a missing or empty folder fails before loading.
+    subject_images = tuple(find_images(config.subject))
     output = Path(config.output)
     finished = (output / SUMMARY_FILE).is_file()
     started = (output / "config.yaml").is_file()
@@ -119,6 +121,7 @@ def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> Run
     return RunPlan(
         config=config,
         output=output,
+        subject_images=subject_images,
         lr=config.lr,
         num_class_images=config.num_class_images,
         class_sample_steps=config.class_sample_steps,
@@ -470,7 +473,9 @@ def train(
 
     plan = plan_run(config, resume=resume, overwrite=overwrite)
     accelerator = make_accelerator(plan.config, plan.output)
-    pipe = load_pipeline(plan.config.model, dtype="fp32", device=accelerator.device)
+    pipe = load_pipeline(
+        plan.config.model, dtype="fp32", device=accelerator.device, config=plan.config.model_config
+    )
     if plan.config.resolution is None:  # the model's native resolution
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         plan = replace(plan, config=plan.config.replace(resolution=native))
@@ -507,7 +512,7 @@ def train(
 
     # -- data
     dataset = DreamBoothDataset(
-        c.subject,
+        list(plan.subject_images),
         token=c.token,
         class_name=c.class_name,
         resolution=c.resolution,
@@ -563,59 +568,71 @@ def train(
     train_seconds = 0.0
     last_loss = float("nan")
     unet.train()
-    with _Interrupt() as interrupt:
-        for epoch in range(progress.epoch, num_epochs):
-            if step >= c.steps:
-                break
-            skip = progress.batches_in_epoch if epoch == progress.epoch else 0
-            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-            # accelerate's loaders count their own iterations and set the epoch from that
-            # count when iterated; a resumed run must set it from the real epoch instead.
-            if hasattr(epoch_loader, "set_epoch"):
-                epoch_loader.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            batch_index = skip
-            for batch in epoch_loader:
-                started = time.perf_counter()
-                micro = batch_index % c.grad_accum
-                with accelerator.accumulate(unet):
-                    loss = _loss_of_batch(
-                        batch, unet, noise_scheduler, encoders, pipe, c, accelerator, step, micro
-                    )
-                    status = _check_status(loss, interrupt, accelerator)
-                    if status["nonfinite"]:
-                        _stop_on_nonfinite(plan, step)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and c.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, c.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                batch_index += 1
-                train_seconds += time.perf_counter() - started
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                last_loss = loss.detach().item()
-                lr = lr_scheduler.get_last_lr()[0]
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-                accelerator.log({"loss": last_loss, "lr": lr}, step=step)
-                here = Progress(step, epoch, batch_index)
-                if c.validation_every and step % c.validation_every == 0:
-                    validate(pipe, accelerator.unwrap_model(unet), plan, accelerator, step)
-                interrupted = status["interrupted"]
-                if (c.checkpoint_every and step % c.checkpoint_every == 0) or interrupted:
-                    path = _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, here)
-                    if interrupted:
-                        raise Interrupted(
-                            f"interrupted at step {step}; checkpoint saved in {path}. Continue "
-                            f"with the same command plus --resume latest"
-                        )
+    try:
+        with _Interrupt() as interrupt:
+            for epoch in range(progress.epoch, num_epochs):
                 if step >= c.steps:
                     break
-    bar.close()
+                skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+                # accelerate's loaders count their own iterations and set the epoch from that
+                # count when iterated; a resumed run must set it from the real epoch instead.
+                if hasattr(epoch_loader, "set_epoch"):
+                    epoch_loader.set_epoch(epoch)
+                sampler.set_epoch(epoch)
+                dataset.set_epoch(epoch)
+                batch_index = skip
+                for batch in epoch_loader:
+                    started = time.perf_counter()
+                    micro = batch_index % c.grad_accum
+                    with accelerator.accumulate(unet):
+                        loss = _loss_of_batch(
+                            batch,
+                            unet,
+                            noise_scheduler,
+                            encoders,
+                            pipe,
+                            c,
+                            accelerator,
+                            step,
+                            micro,
+                        )
+                        status = _check_status(loss, interrupt, accelerator)
+                        if status["nonfinite"]:
+                            _stop_on_nonfinite(plan, step)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and c.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, c.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    batch_index += 1
+                    train_seconds += time.perf_counter() - started
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    last_loss = loss.detach().item()
+                    lr = lr_scheduler.get_last_lr()[0]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                    accelerator.log({"loss": last_loss, "lr": lr}, step=step)
+                    here = Progress(step, epoch, batch_index)
+                    if c.validation_every and step % c.validation_every == 0:
+                        validate(pipe, accelerator.unwrap_model(unet), plan, accelerator, step)
+                    interrupted = status["interrupted"]
+                    if (c.checkpoint_every and step % c.checkpoint_every == 0) or interrupted:
+                        path = _save_checkpoint(
+                            plan, accelerator, unet, optimizer, lr_scheduler, here
+                        )
+                        if interrupted:
+                            raise Interrupted(
+                                f"interrupted at step {step}; checkpoint saved in {path}. Continue "
+                                f"with the same command plus --resume latest"
+                            )
+                    if step >= c.steps:
+                        break
+    finally:  # an error message then starts on its own line
+        bar.close()
 
     # -- save
     accelerator.wait_for_everyone()
@@ -698,7 +715,8 @@ def _stop_on_nonfinite(plan: RunPlan, step: int) -> None:
         kept = f"; the last good checkpoint is {found[-1][1]}" if found else ""
     raise TrainingError(
         f"the loss became non-finite at step {step + 1} (lr {c.lr:g}, mixed precision "
-        f"{c.mixed_precision}): lower --lr, or train in fp32/bf16 instead of fp16{kept}"
+        f"{c.mixed_precision}): start again with a lower --lr (and --overwrite), or train in "
+        f"fp32/bf16 instead of fp16; a checkpoint resumes with its own learning rate{kept}"
     )
 
 
@@ -774,6 +792,23 @@ def validate(pipe: Any, unet: torch.nn.Module, plan: RunPlan, accelerator, step:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         logger.info("step %d: validation samples in %s", step, folder)
+        _log_images(accelerator, folder, step)
+
+
+def _log_images(accelerator, folder: Path, step: int) -> None:
+    """Show the validation samples in TensorBoard / W&B next to the loss curve."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))
+    if not files or not accelerator.trackers:
+        return
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation": images}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": list(images)}, step)
 
 
 def _flat_for_trackers(c: TrainConfig) -> dict[str, Any]:

@@ -46,3 +46,50 @@ def test_bad_model_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2
     assert "not a diffusers pipeline folder" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("preset", "trainable"), [("atoms", 4626), ("atoms-attn", 135698)])
+def test_inspect_preset_trainable_counts_on_sd15(preset, trainable):
+    result = runner.invoke(app, ["inspect", "--model", "random:sd15", "--preset", preset, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["trainable_params"] == trainable
+    assert sum(g["trainable"] for g in report["trainable_groups"]) == trainable
+    assert report["adapter_bytes"]["fp32"] == 2 * report["adapter_bytes"]["fp16"] > 4 * trainable
+
+
+def test_train_cli_passes_options_to_the_library(monkeypatch, tmp_path):
+    import sdatom.train
+
+    seen = {}
+
+    def fake_train(config, *, resume=None, overwrite=False):
+        seen.update(config=config, resume=resume, overwrite=overwrite)
+        return sdatom.train.TrainResult(tmp_path, tmp_path / "adapter.safetensors", 3, 1.0, 9, 0.1)
+
+    monkeypatch.setattr(sdatom.train, "train", fake_train)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("steps: 50\nlr: 0.002\n")
+    args = [
+        "train",
+        "--subject",
+        "dog",
+        "--class-name",
+        "dog",
+        "--config",
+        str(config_file),
+        "--steps",
+        "3",
+        "--no-prior",
+        "--method",
+        "lora",
+        "--validation-prompt",
+        "a sks dog",
+        "--resume",
+        "latest",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    c = seen["config"]
+    assert (c.steps, c.lr, c.prior, c.method, c.subject) == (3, 0.002, False, "lora", "dog")
+    assert c.validation_prompts == ("a sks dog",) and seen["resume"] == "latest"

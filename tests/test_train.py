@@ -222,7 +222,12 @@ def test_validation_samples_and_tensorboard_logs(tmp_path):
         "p000-i00.png",
         "p000-i01.png",
     ]
-    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(next((run / "logs").rglob("events.out.tfevents.*")).parent))
+    logs.Reload()
+    assert "loss" in logs.Tags()["scalars"] and "lr" in logs.Tags()["scalars"]
+    assert "validation" in logs.Tags()["images"][0]
     saved = load_config(run / "config.yaml")
     assert saved.resolution == 32 and saved.lr == 1e-4 and saved.model == "tiny"
 
@@ -239,6 +244,39 @@ def test_baseline_methods_train_and_save(tmp_path, method):
     else:
         assert (result.output / "unet" / "config.json").is_file()
         assert result.trainable_params == sum(p.numel() for p in result.unet.parameters())
+
+
+def test_min_snr_weighting_scales_each_row():
+    from sdatom.train import snr_of
+
+    scheduler = _scheduler("epsilon")
+    moments = torch.randn(3, 8, 4, 4)
+    gens = [sample_generator(5, 0, 0, r) for r in range(3)]
+    args = (_ZeroUNet(), scheduler, moments, torch.zeros(3, 77, 8), torch.zeros(3, dtype=bool))
+    plain = TrainConfig(subject="x", class_name="y")
+    weighted = TrainConfig(subject="x", class_name="y", snr_gamma=5.0)
+    rows = _expected_rows(scheduler, moments, (5, 0, 0), "epsilon")
+    t = torch.stack([_timestep(5, r) for r in range(3)])
+    snr = snr_of(scheduler, t)
+    expected = (rows * torch.clamp(snr, max=5.0) / snr).mean()
+    gens2 = [sample_generator(5, 0, 0, r) for r in range(3)]
+    assert torch.allclose(diffusion_loss(*args, gens, plain, 0.5), rows.mean(), rtol=1e-5)
+    assert torch.allclose(diffusion_loss(*args, gens2, weighted, 0.5), expected, rtol=1e-5)
+
+
+def _timestep(seed, row):
+    g = sample_generator(seed, 0, 0, row)
+    torch.randn(4, 4, 4, generator=g), torch.randn(4, 4, 4, generator=g)
+    return torch.randint(0, 1000, (), generator=g)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
+    plain = train(_config(tmp_path, "plain", steps=2, lr=1e-3), progress_bar=False)
+    ckpt = train(
+        _config(tmp_path, "ckpt", steps=2, lr=1e-3, gradient_checkpointing=True),
+        progress_bar=False,
+    )
+    _assert_same_tensors(_tensors(plain.adapter), _tensors(ckpt.adapter), atol=1e-6)
 
 
 def test_bf16_mixed_precision_keeps_atoms_in_fp32(tmp_path):
