@@ -173,6 +173,8 @@ def train(
 
     options["validation_prompts"] = options.pop("validation_prompt") or None
     result = run_training(build_config(config, **options), resume=resume, overwrite=overwrite)
+    if not result.main_process:  # one report per run, not one per process
+        return
     typer.echo(
         f"trained {result.trainable_params:,} parameters for {result.steps} steps "
         f"in {result.train_seconds:.1f} s\nadapter: {result.adapter}\nrun:     {result.output}"

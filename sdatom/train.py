@@ -394,6 +394,7 @@ class TrainResult:
     final_loss: float
     summary: dict[str, Any] = field(default_factory=dict)
     unet: torch.nn.Module | None = field(default=None, repr=False)  # the trained UNet
+    main_process: bool = True  # False on the other processes of a multi-process run
 
 
 class _Interrupt:
@@ -667,6 +668,7 @@ def train(
         last_loss,
         summary,
         unet=accelerator.unwrap_model(unet),
+        main_process=accelerator.is_main_process,
     )
 
 

@@ -364,3 +364,58 @@ def test_shipped_configs_are_valid(name):
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     config = load_config(os.path.join(root, f"{name}.yaml"))
     assert config.method == "atoms"
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_cpu_processes(tmp_path):
+    """The real launcher, as a user types it (DESIGN §3: --multi_gpu starts 2 gloo processes)."""
+    import subprocess
+    import sys
+
+    one = train(_config(tmp_path, "one", steps=2, batch_size=2, lr=1e-3), progress_bar=False)
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    args = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "sdatom",
+        "train",
+        "--subject",
+        SUBJECT,
+        "--class-name",
+        "toy",
+        "--model",
+        "tiny",
+        "--resolution",
+        "32",
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--lr",
+        "1e-3",
+        "--no-prior",
+        "--report-to",
+        "none",
+        "--checkpoint-every",
+        "0",
+        "--output",
+        str(tmp_path / "two"),
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("adapter:") == 1  # one report, from the main process
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["processes"] == 2
+    _assert_same_tensors(
+        _tensors(one.adapter), _tensors(tmp_path / "two" / "adapter.safetensors"), 1e-5
+    )
