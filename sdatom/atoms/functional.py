@@ -205,15 +205,21 @@ def atom_conv2d(
     convolution runs in the autocast dtype; the delta is computed in the factors' dtype.
     """
     dt = _compute_dtype(x)
+    x, op = conv_op(x, conv)
+    b = bias.to(dt) if bias is not None else None
+    return _SummedWeightFn.apply(x.to(dt), weight, b, op, delta_fn, *factors)
+
+
+def conv_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> tuple[torch.Tensor, _ConvOp]:
+    """``conv``'s settings as a _ConvOp; string padding and non-zero padding modes are applied
+    to ``x`` up front (returned padded), so the op itself only needs integer zero padding."""
     padding = conv.padding
     if isinstance(padding, str) or conv.padding_mode != "zeros":
         if padding != "valid":
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         padding = (0, 0)
-    op = _ConvOp(conv.stride, padding, conv.dilation, conv.groups)
-    b = bias.to(dt) if bias is not None else None
-    return _SummedWeightFn.apply(x.to(dt), weight, b, op, delta_fn, *factors)
+    return x, _ConvOp(conv.stride, padding, conv.dilation, conv.groups)
 
 
 def atom_linear(

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sdatom.atoms.functional import _compute_dtype, _ConvOp, atom_conv2d, filter_delta
+from sdatom.atoms.functional import _compute_dtype, atom_conv2d, conv_op, filter_delta
 
 PATHS = ("conv", "gemm", "scalar")
 # gemm path when B·L ≤ GEMM_POSITIONS_PER_CHANNEL · c_out (CPU only). Measured on the SD-1.5
@@ -168,13 +168,7 @@ def linear_atom_conv2d(
     if path == "conv":
         return atom_conv2d(x, weight, bias, conv, filter_delta, [delta_atoms, coef])
     dt = _compute_dtype(x)
-    padding = conv.padding
-    if isinstance(padding, str) or conv.padding_mode != "zeros":
-        if padding != "valid":
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        padding = (0, 0)
-    op = _ConvOp(conv.stride, padding, conv.dilation, conv.groups)
+    x, op = conv_op(x, conv)
     b = bias.to(dt) if bias is not None else None
     with torch.autocast(x.device.type, enabled=False):
         m = coef.to(delta_atoms.dtype) @ delta_atoms  # (k², k²) in the atoms' dtype
