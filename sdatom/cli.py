@@ -257,6 +257,12 @@ def sample(
         str | None,
         typer.Option("--model-config", help="For a single-file --model: its diffusers configs."),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Apply atoms even if they were trained on other base weights."
+        ),
+    ] = False,
 ) -> None:
     """Generate images from a run's adapted model (or a plain --model), with fixed seeds."""
     from sdatom.sample import run_sampling
@@ -282,6 +288,7 @@ def sample(
         dtype=dtype,
         batch_size=batch_size,
         model_config=model_config,
+        force=force,
     )
     typer.echo(f"{len(result.images)} images in {result.output_dir}\ngrid: {result.grid}")
 

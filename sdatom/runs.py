@@ -140,12 +140,14 @@ def load_run_pipeline(
     model: str | None = None,
     xformers: bool = False,
     model_config: str | None = None,
+    force: bool = False,
 ):
     """Load the run's base model (or ``model`` instead) and apply the run's trained adapter.
 
     Atoms are loaded with ``load_atoms`` and folded into the weights when ``merge`` (the
     default; ``merge=False`` keeps the atom layers live); LoRA is loaded with
     ``load_lora_weights`` and fused when ``merge``; a full fine-tune swaps in its UNet.
+    ``force`` loads atoms whose base-model fingerprint does not match (with a warning).
     Returns a ``StableDiffusionPipeline``.
     """
     from sdatom.models import load_pipeline
@@ -161,7 +163,7 @@ def load_run_pipeline(
     if run.method == "atoms":
         from sdatom.atoms import load_atoms, merge_atoms
 
-        load_atoms(pipe.unet, run.adapter)
+        load_atoms(pipe.unet, run.adapter, force=force)
         if merge:
             merge_atoms(pipe.unet)
     elif run.method == "lora":

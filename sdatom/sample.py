@@ -339,6 +339,7 @@ def run_sampling(
     dtype: str = "fp32",
     batch_size: int = 1,
     model_config: str | None = None,
+    force: bool = False,
 ) -> SampleResult:
     """``sdatom sample``: load a run's adapted model (or a plain ``model``) and sample it.
 
@@ -364,7 +365,13 @@ def run_sampling(
     else:
         spec = model or the_run.model or ""
         pipe = load_run_pipeline(
-            the_run, merge=merge, dtype=dtype, device=device, model=model, model_config=model_config
+            the_run,
+            merge=merge,
+            dtype=dtype,
+            device=device,
+            model=model,
+            model_config=model_config,
+            force=force,
         )
         adapter = str(the_run.adapter)
     out = Path(output) if output is not None else _default_output(the_run, base)

@@ -122,13 +122,18 @@ def test_wrong_base_model_is_refused_unless_forced(tmp_path):
     other = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1))
     with pytest.raises(AdapterError, match="shape"):
         load_atoms(other, path)
+    unrelated = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.SiLU(), nn.Conv2d(6, 4, 1))
     with pytest.raises(AdapterError, match="no layer matches"):
-        load_atoms(_net(seed=1), path, force=True)
+        load_atoms(unrelated, path, force=True)  # no layer of the same shape: nothing to load
+    # Forced onto other base weights of the same shapes (a fine-tuned variant): every layer
+    # is loaded, with a warning, and computes the same atoms on its own weights.
+    with pytest.warns(UserWarning, match="forced: loading 3 layers of matching shape"):
+        assert load_atoms(_net(seed=1), path, force=True) == ["0", "2", "4"]
     partial = copy.deepcopy(_net())
     with torch.no_grad():
         partial[2].weight.add_(1.0)
-    with pytest.warns(UserWarning, match="loading the 2 matching layers"):
-        assert load_atoms(partial, path, force=True) == ["0", "4"]
+    with pytest.warns(UserWarning, match="1 problems.*'2' has different base weights"):
+        assert load_atoms(partial, path, force=True) == ["0", "2", "4"]
 
 
 def test_truncated_file_is_refused(tmp_path):

@@ -426,7 +426,9 @@ def test_atoms_of_another_base_model_are_refused(atoms_run, other_tiny, tmp_path
     with pytest.raises(AdapterError, match="does not match this base model.*fingerprint"):
         sdatom.load_atoms(pipe, atoms_run / "adapter.safetensors")
     result = _sample(atoms_run, tmp_path, "--model", str(other_tiny))
-    _error_line(result, "adapter.safetensors", "does not match this base model")
+    _error_line(result, "adapter.safetensors", "does not match this base model", "--force")
+    forced = _sample(atoms_run, tmp_path / "forced", "--model", str(other_tiny), "--force")
+    assert forced.exit_code == 0, forced.output  # loaded anyway (the library warns)
 
 
 def test_truncated_adapter_file(atoms_run, tmp_path):

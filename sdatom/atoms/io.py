@@ -262,7 +262,9 @@ def load_atoms(
 
     Refuses (AdapterError, one line naming the file) a file that is not an sdatom atoms file,
     a truncated or corrupt one, and one whose layers or base weights do not match the model.
-    ``force=True`` warns instead and loads the layers that match (an error if none do).
+    ``force=True`` warns instead and loads every layer whose shape matches, including those
+    whose base weights differ (e.g. a fine-tuned variant of the base model); layers missing
+    or of another shape are skipped, and none loadable at all is still an error.
     A model that already has the same atom layers just gets their values. Returns the names
     of the layers loaded.
     """
@@ -285,6 +287,7 @@ def load_atoms(
     problems: list[str] = []
     weight_problems: list[str] = []
     good: list[str] = []
+    other_weights: list[str] = []  # same shape, different base weights: loaded with force
     for name, info in stored.items():
         if name not in candidates:
             problems.append(f"layer {name!r} not in the model")
@@ -296,6 +299,7 @@ def load_atoms(
             problems.append(f"{name!r} has shape {shape}, file has {info['weight_shape']}")
         elif not _probe_close(_probe(module.weight, merged_delta), info["probe"]):
             weight_problems.append(f"{name!r} has different base weights (fingerprint mismatch)")
+            other_weights.append(name)
         else:
             good.append(name)
     extra = [n for n in candidates if n not in stored]
@@ -306,10 +310,11 @@ def load_atoms(
             f"{path}: does not match this base model ({len(problems)} problems, e.g. {problems[0]})"
         )
         if not force:
-            raise AdapterError(msg + "; pass force=True to load the layers that match")
+            raise AdapterError(msg + "; pass force=True (sdatom sample --force) to load it anyway")
+        good += other_weights
         if not good:
             raise AdapterError(msg + "; no layer matches, nothing to load")
-        warnings.warn(msg + f"; loading the {len(good)} matching layers", stacklevel=2)
+        warnings.warn(msg + f"; forced: loading {len(good)} layers of matching shape", stacklevel=2)
     if existing and extra:
         raise AdapterError(
             f"{path}: the model already has other atom layers; call remove_atoms first"
