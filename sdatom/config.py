@@ -87,7 +87,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet.")
     cache_latents: bool = _opt(True, "Encode each image with the VAE once.")
     xformers: bool = _opt(False, "xformers attention (CUDA only; else torch SDPA).")
-    device: str | None = _opt(None, "Device for a single-process run (auto by default).")
+    device: str | None = _opt(
+        None, "cpu trains on the CPU even when a GPU is visible (GPUs are chosen by accelerate)."
+    )
     # Validation, checkpoints, logging
     validation_prompts: tuple[str, ...] = _opt(
         (), "Prompts sampled during training. Default: the instance prompt."
@@ -132,8 +134,13 @@ class TrainConfig:
 
 
 def field_help(name: str) -> str:
-    """The help text of a TrainConfig field: documented once, used by the CLI too."""
-    return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
+    """The help text of a TrainConfig field, with its default: documented once, used by the CLI."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    text = f.metadata["help"]
+    if f.default not in (None, (), "") and "Default" not in text:
+        default = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
+        text += f" (default: {default})"
+    return text
 
 
 def check_keys(data: dict[str, Any], source: str) -> None:
