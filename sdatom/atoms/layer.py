@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from sdatom.atoms import decompose as dec
+from sdatom.atoms.channel import choose_path as channel_path
+from sdatom.atoms.channel import linear_channel_atoms
 from sdatom.atoms.config import AtomConfig
 from sdatom.atoms.functional import atom_conv2d, atom_linear, channel_delta, filter_delta
 from sdatom.atoms.gemm import linear_atom_conv2d
@@ -223,4 +225,7 @@ class AtomLinear(AtomLayer):
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        if self.atom_config.coder == "linear" and channel_path(base.weight) == "fused":
+            block = self.atom_config.channel_block  # fused backward (atoms/channel.py)
+            return linear_channel_atoms(x, base, self.atoms_delta, self.atoms_coef, block)
         return atom_linear(x, base.weight, base.bias, self._delta_fn, self._factors())
