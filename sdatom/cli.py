@@ -265,14 +265,9 @@ def sample(
     ] = False,
 ) -> None:
     """Generate images from a run's adapted model (or a plain --model), with fixed seeds."""
-    from sdatom.sample import run_sampling
+    from sdatom.sample import SampleOptions, run_sampling
 
-    result = run_sampling(
-        run=run,
-        model=model,
-        prompts=prompt or (),
-        prompts_file=prompts_file,
-        protocol=dreambench or protocol,
+    options = SampleOptions(
         n=n,
         seed=seed,
         steps=steps,
@@ -281,12 +276,20 @@ def sample(
         scheduler=scheduler,
         height=height,
         width=width,
+        batch_size=batch_size,
+    )
+    result = run_sampling(
+        run=run,
+        model=model,
+        prompts=prompt or (),
+        prompts_file=prompts_file,
+        protocol=dreambench or protocol,
+        options=options,
         output=output,
         merge=not unmerged,
         base=base,
         device=device,
         dtype=dtype,
-        batch_size=batch_size,
         model_config=model_config,
         force=force,
     )

@@ -33,6 +33,7 @@ from sdatom.fileio import atomic_path, atomic_write_text
 __all__ = [
     "SCHEDULERS",
     "GeneratedSample",
+    "SampleOptions",
     "SampleResult",
     "generate",
     "make_grid",
@@ -67,6 +68,34 @@ class GeneratedSample:
 
 
 @dataclass(frozen=True)
+class SampleOptions:
+    """How the images of every prompt are generated; checked on creation.
+
+    Image ``j`` of a prompt uses seed ``seed + j``. ``scheduler`` is ``ddim``, ``dpm++``,
+    ``euler`` or None (the model's own). ``height``/``width`` None mean the model's size.
+    ``batch_size`` > 1 is faster on a GPU, but batched kernels round differently: images then
+    match the unbatched ones only up to float rounding (at most one 8-bit level in a PNG).
+    """
+
+    n: int = 4
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    negative_prompt: str | None = None
+    scheduler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check_counts(n=self.n, steps=self.steps, batch_size=self.batch_size)
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise UsageError(
+                f"--scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}"
+            )
+
+
+@dataclass(frozen=True)
 class SampleResult:
     """What :func:`run_sampling` wrote: the folder, its grid and the image files."""
 
@@ -89,50 +118,37 @@ def _scheduler(pipe: Any, name: str | None):
 
 
 def generate(
-    pipe: Any,
-    prompts: Sequence[str],
-    *,
-    n: int = 4,
-    seed: int = 0,
-    steps: int = 30,
-    guidance: float = 7.5,
-    negative_prompt: str | None = None,
-    scheduler: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int = 1,
+    pipe: Any, prompts: Sequence[str], options: SampleOptions | None = None, **option_values: Any
 ) -> Iterator[GeneratedSample]:
     """Yield ``n`` images per prompt (prompt-major), image ``j`` seeded with ``seed + j``.
 
-    ``scheduler`` is ``ddim``, ``dpm++``, ``euler`` or None (a fresh copy of the model's own).
-    The pipeline's scheduler is restored afterwards. Images come as float arrays in [0, 1].
-    ``batch_size`` > 1 is faster on a GPU, but batched kernels round differently: images then
-    match the unbatched ones only up to float rounding (at most one 8-bit level in a PNG).
+    ``options`` (or its fields as keywords: ``n=2, steps=20``) says how; see SampleOptions.
+    The pipeline's scheduler is replaced for the call and restored afterwards. Images come as
+    float arrays in [0, 1].
     """
-    _check_counts(n=n, steps=steps, batch_size=batch_size)
-    jobs = [(i, j, p) for i, p in enumerate(prompts) for j in range(n)]
+    o = options or SampleOptions(**option_values)
+    jobs = [(i, j, p) for i, p in enumerate(prompts) for j in range(o.n)]
     original = pipe.scheduler
-    pipe.scheduler = _scheduler(pipe, scheduler)
+    pipe.scheduler = _scheduler(pipe, o.scheduler)
     try:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
+        for start in range(0, len(jobs), o.batch_size):
+            batch = jobs[start : start + o.batch_size]
             # One CPU generator per image: the initial noise depends on its seed only.
-            generators = [torch.Generator("cpu").manual_seed(seed + j) for _, j, _ in batch]
+            generators = [torch.Generator("cpu").manual_seed(o.seed + j) for _, j, _ in batch]
+            negative = None if o.negative_prompt is None else [o.negative_prompt] * len(batch)
             with torch.inference_mode():
                 out = pipe(
                     prompt=[p for _, _, p in batch],
-                    negative_prompt=None
-                    if negative_prompt is None
-                    else [negative_prompt] * len(batch),
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    height=height,
-                    width=width,
+                    negative_prompt=negative,
+                    num_inference_steps=o.steps,
+                    guidance_scale=o.guidance,
+                    height=o.height,
+                    width=o.width,
                     generator=generators,
                     output_type="np",
                 )
             for (i, j, p), image in zip(batch, out.images, strict=True):
-                yield GeneratedSample(i, j, p, seed + j, np.asarray(image, dtype=np.float32))
+                yield GeneratedSample(i, j, p, o.seed + j, np.asarray(image, dtype=np.float32))
     finally:
         pipe.scheduler = original
 
@@ -157,60 +173,40 @@ def sample(
     prompts: Sequence[str],
     *,
     output_dir: str | os.PathLike,
-    n: int = 4,
-    seed: int = 0,
-    steps: int = 30,
-    guidance: float = 7.5,
-    negative_prompt: str | None = None,
-    scheduler: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int = 1,
+    options: SampleOptions | None = None,
     settings: dict[str, Any] | None = None,
+    **option_values: Any,
 ) -> list[Path]:
     """Generate ``n`` images per prompt into ``output_dir``; return the image paths.
 
-    Writes ``p{prompt:03d}-i{image:02d}.png`` (with PNG text chunks), ``manifest.json``
-    (atomically) and ``grid.png``. ``settings`` overrides manifest settings such as ``model``
-    and ``adapter`` (default: the pipeline's name and no adapter).
+    ``options`` (or its fields as keywords) as for :func:`generate`. Writes
+    ``p{prompt:03d}-i{image:02d}.png`` (with PNG text chunks), ``manifest.json`` (atomically)
+    and ``grid.png``. ``settings`` overrides manifest settings such as ``model`` and
+    ``adapter`` (default: the pipeline's name and no adapter).
     """
     prompts = list(prompts)
     if not prompts:
         raise UsageError("no prompts: pass --prompt, --prompts-file or --protocol")
-    _check_counts(n=n, steps=steps, batch_size=batch_size)
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise UsageError(f"--scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    o = options or SampleOptions(**option_values)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; pass a folder")
     info = {
         "model": _model_name(pipe),
-        "steps": steps,
-        "guidance": guidance,
-        "scheduler": scheduler or type(pipe.scheduler).__name__,
+        "steps": o.steps,
+        "guidance": o.guidance,
+        "scheduler": o.scheduler or type(pipe.scheduler).__name__,
         "adapter": None,
-        "negative_prompt": negative_prompt,
-        "height": height,
-        "width": width,
+        "negative_prompt": o.negative_prompt,
+        "height": o.height,
+        "width": o.width,
         **(settings or {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
     paths: list[Path] = []
     cells: list[Image.Image] = []
-    for s in generate(
-        pipe,
-        prompts,
-        n=n,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        negative_prompt=negative_prompt,
-        scheduler=scheduler,
-        height=height,
-        width=width,
-        batch_size=batch_size,
-    ):
+    for s in generate(pipe, prompts, o):
         image = _to_pil(s.image)
         name = f"p{s.prompt_index:03d}-i{s.image_index:02d}.png"
         text = {**info, "prompt": s.prompt, "seed": s.seed}
@@ -324,38 +320,30 @@ def run_sampling(
     prompts: Sequence[str] = (),
     prompts_file: str | os.PathLike | None = None,
     protocol: bool | str | os.PathLike | None = None,
-    n: int = 4,
-    seed: int = 0,
-    steps: int = 30,
-    guidance: float = 7.5,
-    negative_prompt: str | None = None,
-    scheduler: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
+    options: SampleOptions | None = None,
     output: str | os.PathLike | None = None,
     merge: bool = True,
     base: bool = False,
     device: str | None = "auto",
     dtype: str = "fp32",
-    batch_size: int = 1,
     model_config: str | None = None,
     force: bool = False,
+    **option_values: Any,
 ) -> SampleResult:
     """``sdatom sample``: load a run's adapted model (or a plain ``model``) and sample it.
 
     With ``run``, ``model`` overrides its base model and ``base=True`` samples the base model
     without the adapter (same prompts and seeds, for comparisons). Without ``run``, ``model``
     (or the default model) is sampled as is. The output folder defaults to
-    ``<run>/samples/<timestamp>`` or ``samples/<timestamp>``.
+    ``<run>/samples/<timestamp>`` or ``samples/<timestamp>``. ``options`` (or its fields as
+    keywords) as for :func:`generate`, checked before any model is loaded.
     """
     from sdatom.models import default_model, load_pipeline
     from sdatom.runs import load_run_pipeline, read_run
 
     if run is None and base:
         raise UsageError("--base needs --run (it samples the run's base model)")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise UsageError(f"--scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    _check_counts(n=n, steps=steps, batch_size=batch_size)
+    o = options or SampleOptions(**option_values)
     the_run = read_run(run) if run is not None else None
     prompt_list = resolve_prompts(prompts, prompts_file, protocol, the_run)
     if the_run is None or base:
@@ -376,19 +364,5 @@ def run_sampling(
         adapter = str(the_run.adapter)
     out = Path(output) if output is not None else _default_output(the_run, base)
     settings = {"model": spec, "adapter": adapter, "method": the_run.method if adapter else None}
-    images = sample(
-        pipe,
-        prompt_list,
-        output_dir=out,
-        n=n,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        negative_prompt=negative_prompt,
-        scheduler=scheduler,
-        height=height,
-        width=width,
-        batch_size=batch_size,
-        settings=settings,
-    )
+    images = sample(pipe, prompt_list, output_dir=out, options=o, settings=settings)
     return SampleResult(output_dir=out, grid=out / GRID, images=images)
