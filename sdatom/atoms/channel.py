@@ -28,17 +28,14 @@ GEMMs y, gx, gW; counted with torch.profiler on Linear(1280, 1280)):
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sdatom.atoms.functional import _compute_dtype, atom_linear, channel_delta
+from sdatom.atoms.functional import PathOverride, _compute_dtype, atom_linear, channel_delta
 
 PATHS = ("generic", "fused")
-_forced: str | None = None
+_override = PathOverride(PATHS, "channel atom")
 # element sizes that a run of k elements can be moved as (bytes -> dtype)
 _WORDS = {
     16: torch.complex128,
@@ -49,24 +46,15 @@ _WORDS = {
 }
 
 
-@contextlib.contextmanager
-def force_path(path: str | None) -> Iterator[None]:
-    """Use ``path`` ("generic" or "fused") wherever it applies, or the rule if None."""
-    global _forced
-    if path is not None and path not in PATHS:
-        raise ValueError(f"unknown channel atom path {path!r} (valid: {', '.join(PATHS)})")
-    old, _forced = _forced, path
-    try:
-        yield
-    finally:
-        _forced = old
+#: ``with force_path("generic"):`` uses that path wherever it applies (tests, benchmarks).
+force_path = _override.force
 
 
 def choose_path(weight: torch.Tensor) -> str:
     """``fused`` unless forced otherwise or the base weight itself is trained."""
     if weight.requires_grad or weight.dim() != 2:
         return "generic"
-    return _forced or "fused"
+    return _override.forced or "fused"
 
 
 # ----------------------------------------------------------------------------- layouts

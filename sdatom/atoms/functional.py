@@ -9,7 +9,8 @@ function, e.g. for the linear coder dM = R0ᵀ·dR.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,28 @@ from torch.autograd.function import once_differentiable
 from sdatom.atoms.decompose import channel_rows, channel_unrows
 
 DeltaFn = Callable[..., torch.Tensor]
+
+
+class PathOverride:
+    """A process-wide override of a dispatch rule's choice, for tests and benchmarks.
+
+    ``force(path)`` is a context manager: inside it ``forced`` is ``path`` (None = the rule).
+    """
+
+    def __init__(self, paths: Sequence[str], what: str) -> None:
+        self.paths, self.what = tuple(paths), what
+        self.forced: str | None = None
+
+    @contextlib.contextmanager
+    def force(self, path: str | None) -> Iterator[None]:
+        if path is not None and path not in self.paths:
+            valid = ", ".join(self.paths)
+            raise ValueError(f"unknown {self.what} path {path!r} (valid: {valid})")
+        old, self.forced = self.forced, path
+        try:
+            yield
+        finally:
+            self.forced = old
 
 
 # ----------------------------------------------------------------------------- deltas

@@ -24,34 +24,20 @@ dispatch rule; :func:`force_path` overrides it (tests, benchmarks).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sdatom.atoms.functional import _compute_dtype, atom_conv2d, conv_op, filter_delta
+from sdatom.atoms.functional import PathOverride, _compute_dtype, atom_conv2d, conv_op, filter_delta
 
 PATHS = ("conv", "gemm", "scalar")
 # gemm path when B·L ≤ GEMM_POSITIONS_PER_CHANNEL · c_out (CPU only). Measured on the SD-1.5
 # 3×3 shapes (BENCHMARKS.md, "fast path"): at B·L = c_out/5 … c_out the gemm path wins by
 # 1.3–6×; at B·L = 6.4·c_out (320 ch, 64×64) it loses 1.6×.
 GEMM_POSITIONS_PER_CHANNEL = 1.0
-_forced: str | None = None
-
-
-@contextlib.contextmanager
-def force_path(path: str | None) -> Iterator[None]:
-    """Use ``path`` ("conv", "gemm", "scalar") wherever it applies, or the rule if None."""
-    global _forced
-    if path is not None and path not in PATHS:
-        raise ValueError(f"unknown atom path {path!r} (valid: {', '.join(PATHS)})")
-    old, _forced = _forced, path
-    try:
-        yield
-    finally:
-        _forced = old
+_override = PathOverride(PATHS, "atom")
+#: ``with force_path("gemm"):`` uses that path wherever it applies (tests, benchmarks).
+force_path = _override.force
 
 
 def choose_path(x: torch.Tensor, conv: torch.nn.Conv2d, weight_needs_grad: bool = False) -> str:
@@ -60,10 +46,10 @@ def choose_path(x: torch.Tensor, conv: torch.nn.Conv2d, weight_needs_grad: bool 
     if weight_needs_grad or x.dim() != 4:
         return "conv"
     if kh * kw == 1:
-        return "scalar" if _forced in (None, "scalar") else "conv"
+        return "scalar" if _override.forced in (None, "scalar") else "conv"
     gemm_ok = conv.groups == 1
-    if _forced is not None:
-        return "gemm" if _forced == "gemm" and gemm_ok else "conv"
+    if _override.forced is not None:
+        return "gemm" if _override.forced == "gemm" and gemm_ok else "conv"
     if not gemm_ok or x.device.type != "cpu":
         return "conv"  # on CUDA keep cuDNN (unmeasured here: see BENCHMARKS.md)
     h_out, w_out = _out_size(x.shape[-2:], conv)
