@@ -62,9 +62,6 @@ class RunPlan:
     config: TrainConfig
     output: Path
     subject_images: tuple[Path, ...]
-    lr: float
-    num_class_images: int
-    class_sample_steps: int
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -122,9 +119,6 @@ def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> Run
         config=config,
         output=output,
         subject_images=subject_images,
-        lr=config.lr,
-        num_class_images=config.num_class_images,
-        class_sample_steps=config.class_sample_steps,
     )
 
 
@@ -234,22 +228,22 @@ def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | Non
     if not c.prior:
         return None
     if c.class_dir:
-        return find_images(c.class_dir)[: plan.num_class_images]
+        return find_images(c.class_dir)[: c.num_class_images]
     prompt = class_prompt(c.class_name)
-    folder = class_image_cache_dir(c.model, prompt, plan.num_class_images, c.resolution)
-    cached = list_cached_class_images(folder, plan.num_class_images)
+    folder = class_image_cache_dir(c.model, prompt, c.num_class_images, c.resolution)
+    cached = list_cached_class_images(folder, c.num_class_images)
     if cached is not None:
         return cached
     folder.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
-    logger.info("generating %d class images for %r", plan.num_class_images, prompt)
-    for i in range(rank, plan.num_class_images, world):
+    logger.info("generating %d class images for %r", c.num_class_images, prompt)
+    for i in range(rank, c.num_class_images, world):
         path = class_image_path(folder, i)
         if path.is_file():
             continue
         image = pipe(
             prompt,
-            num_inference_steps=plan.class_sample_steps,
+            num_inference_steps=c.class_sample_steps,
             height=c.resolution,
             width=c.resolution,
             generator=torch.Generator(device="cpu").manual_seed(i),
@@ -257,7 +251,7 @@ def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | Non
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
     accelerator.wait_for_everyone()
-    return list_cached_class_images(folder, plan.num_class_images)
+    return list_cached_class_images(folder, c.num_class_images)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -533,7 +527,7 @@ def train(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # -- optimizer and schedule (accelerate steps the scheduler once per process)
-    optimizer = _optimizer(params, c, plan.lr)
+    optimizer = _optimizer(params, c, c.lr)
     lr_scheduler = get_scheduler(
         c.lr_scheduler,
         optimizer=optimizer,
