@@ -468,6 +468,8 @@ def train(
 
     plan = plan_run(config, resume=resume, overwrite=overwrite)
     accelerator = make_accelerator(plan.config, plan.output)
+    # Every process has checked the output folder (plan_run) before any process writes to it.
+    accelerator.wait_for_everyone()
     pipe = load_pipeline(
         plan.config.model, dtype="fp32", device=accelerator.device, config=plan.config.model_config
     )
