@@ -65,7 +65,8 @@ def command(fn):
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(e.exit_code)
 
-    return app.command()(wrapper)
+    # A trailing underscore ("eval_") names a command without shadowing a builtin.
+    return app.command(name=fn.__name__.rstrip("_"))(wrapper)
 
 
 def _version(value: bool) -> None:
@@ -323,7 +324,7 @@ def export(
 
 
 @command
-def eval(
+def eval_(
     run: Annotated[Path, typer.Option("--run", "-r", help="Run folder written by `sdatom train`.")],
     images: Annotated[
         Path | None,
