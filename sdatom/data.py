@@ -514,7 +514,7 @@ def collate_dreambooth(examples: Sequence[dict], with_prior: bool) -> dict:
 
 
 def _cache_root() -> Path:
-    from sdatom.models import cache_dir
+    from sdatom.fileio import cache_dir
 
     return cache_dir() / "class_images"
 

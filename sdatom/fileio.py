@@ -44,6 +44,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def cache_dir() -> Path:
+    """Where sdatom keeps built models and other caches: ``$SDATOM_CACHE``, else
+    ``$XDG_CACHE_HOME/sdatom`` (``~/.cache/sdatom`` when unset)."""
+    if os.environ.get("SDATOM_CACHE"):
+        return Path(os.environ["SDATOM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sdatom"
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     with atomic_path(path) as tmp:

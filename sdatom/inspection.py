@@ -15,6 +15,7 @@ from sdatom.errors import ModelLoadError
 from sdatom.inventory import layer_group, unet_inventory
 from sdatom.models import (
     ARCHITECTURES,
+    CHECKPOINT_SUFFIXES,
     build_unet,
     check_folder,
     default_model,
@@ -31,7 +32,7 @@ def meta_unet(spec: str | None):
     if spec in ARCHITECTURES:
         return build_unet(spec, "meta")
     source = Path(spec)
-    if source.suffix in (".safetensors", ".ckpt"):
+    if source.suffix.lower() in CHECKPOINT_SUFFIXES:
         raise ModelLoadError(
             f"inspect reads a UNet config: give the diffusers folder or hub id, not {spec}"
         )

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from sdatom.errors import ModelLoadError, UsageError
+from sdatom.fileio import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -247,14 +248,6 @@ def check_tokenizer(tokenizer: Any, expected: int, source: str) -> None:
 
 
 # ----------------------------------------------------------------------------- building
-
-
-def cache_dir() -> Path:
-    """Where sdatom keeps built models and other caches (``SDATOM_CACHE`` overrides)."""
-    if os.environ.get("SDATOM_CACHE"):
-        return Path(os.environ["SDATOM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sdatom"
 
 
 def build_unet(spec: str, device: str | torch.device = "cpu", seed: int = 0):

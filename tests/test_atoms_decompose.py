@@ -71,6 +71,9 @@ def test_lasso_cache_hit_skips_the_solve(tmp_path, monkeypatch):
 
 
 def test_lasso_cache_defaults_to_xdg_and_survives_a_corrupt_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDATOM_CACHE", str(tmp_path / "mine"))
+    assert dec.default_cache_dir() == tmp_path / "mine" / "lasso"
+    monkeypatch.delenv("SDATOM_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert dec.default_cache_dir() == tmp_path / "sdatom" / "lasso"
     rows = _rows(100)

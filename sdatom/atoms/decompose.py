@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sdatom.fileio import atomic_path
+from sdatom.fileio import atomic_path, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +156,9 @@ def _solve_lasso(
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/sdatom/lasso`` (``~/.cache/sdatom/lasso`` when unset)."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "sdatom" / "lasso"
+    """``<sdatom cache>/lasso``: ``$SDATOM_CACHE``, else ``$XDG_CACHE_HOME/sdatom`` or
+    ``~/.cache/sdatom`` (see :func:`sdatom.fileio.cache_dir`)."""
+    return cache_dir() / "lasso"
 
 
 def _tensor_digest(t: torch.Tensor) -> str:

@@ -121,7 +121,7 @@ def add_atoms(model: nn.Module, config: ConfigSpec = None, *, cache_dir: Any = N
     ``config`` is an AtomConfig, a preset name, a dict, or None (the ``atoms`` preset).
     Every non-atom parameter is frozen. At this point the model computes exactly what it
     computed before (the atom updates start at zero). ``cache_dir`` is the lasso cache
-    (default ``$XDG_CACHE_HOME/sdatom/lasso``). Works on a meta-device model (no decomposition).
+    (default ``<sdatom cache>/lasso``). Works on a meta-device model (no decomposition).
     """
     return _add(model, resolve_config(config), None, cache_dir)
 
