@@ -216,6 +216,11 @@ def _validate(c: TrainConfig) -> None:
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a YAML training config (safe loader); errors name the file and the key."""
+    return TrainConfig.from_dict(read_config_file(path), source=str(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options a YAML config file sets (checked: unknown keys and wrong types fail)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -225,7 +230,8 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
-    return TrainConfig.from_dict(data, source=str(path))
+    TrainConfig.from_dict(data, source=str(path))  # validate here, naming the file
+    return {k: v for k, v in data.items() if k not in ("format", "sdatom_version")}
 
 
 def dump_config(config: TrainConfig) -> str:
@@ -234,12 +240,25 @@ def dump_config(config: TrainConfig) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+def model_defaults(model: str | None) -> dict[str, Any]:
+    """Training defaults of a model that has its own (``toy``: measured on the toy world)."""
+    if model == "toy":
+        from sdatom.toyworld.model import TRAIN_DEFAULTS
+
+        return dict(TRAIN_DEFAULTS)
+    return {}
+
+
 def build_config(config_file: str | Path | None, **options: Any) -> TrainConfig:
-    """Defaults, then the YAML file, then the options given on the command line (not None).
+    """Defaults, the model's own defaults, the YAML file, then the command line (not None).
 
     ``preset`` may name a YAML atom config file: it then fills ``atoms``.
     """
-    base = load_config(config_file) if config_file else TrainConfig()
+    from sdatom.models import default_model
+
+    from_file = read_config_file(config_file) if config_file else {}
+    model = options.get("model") or from_file.get("model") or default_model()
+    base = TrainConfig.from_dict({**model_defaults(model), **from_file}, source=str(config_file))
     preset = options.get("preset")
     if preset and str(preset).endswith((".yaml", ".yml")):
         from sdatom.atoms import AtomConfig

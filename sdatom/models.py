@@ -7,7 +7,9 @@ A spec is one of
 - a single ``.safetensors``/``.ckpt`` checkpoint file (diffusers' single-file loader);
 - ``tiny``: a tiny SD-architecture pipeline with random weights, built offline and
   deterministically, with the real CLIP tokenizer (the embedded default for demos and tests);
-- ``random:sd15`` / ``random:sd21``: the real published architectures with random weights.
+- ``random:sd15`` / ``random:sd21``: the real published architectures with random weights;
+- ``toy``: the project's own pretrained toy-world model (32 px), shipped inside the package
+  (see :mod:`sdatom.toyworld`): the one built-in model whose pictures mean something.
 
 Built pipelines (``tiny``, ``random:*``) are cached on disk so repeated runs do not rebuild them.
 """
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILT_SPECS = ("tiny", "random:sd15", "random:sd21")
+SHIPPED_SPECS = ("toy",)
 CLIP_VOCAB_SIZE = 49408
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -306,6 +309,18 @@ def built_pipeline_dir(spec: str) -> Path:
     return folder
 
 
+def shipped_model_dir(spec: str) -> Path:
+    """The folder of a model that ships inside the package (``toy``)."""
+    from sdatom.toyworld.model import TOY_MODEL_DIR
+
+    if not (TOY_MODEL_DIR / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the toy model's weights are not in this install ({TOY_MODEL_DIR}): "
+            "pretrain them with scripts/pretrain_toy.py, or use --model tiny"
+        )
+    return TOY_MODEL_DIR
+
+
 def _architecture(spec: str) -> Architecture:
     if spec not in ARCHITECTURES:
         raise ModelLoadError(f"unknown built model {spec!r}: use one of {', '.join(BUILT_SPECS)}")
@@ -363,6 +378,8 @@ def load_pipeline(
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     if spec in BUILT_SPECS:
         pipe = _from_folder(built_pipeline_dir(spec), torch_dtype)
+    elif spec in SHIPPED_SPECS:
+        pipe = _from_folder(shipped_model_dir(spec), torch_dtype)
     elif spec.startswith("random:"):
         raise ModelLoadError(f"unknown built model {spec!r}: use one of {', '.join(BUILT_SPECS)}")
     elif Path(spec).suffix.lower() in CHECKPOINT_SUFFIXES:

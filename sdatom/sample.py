@@ -268,6 +268,23 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def _toy_protocol(run: Any) -> list[str]:
+    """A toy run's protocol: the subject on the backgrounds it was not shown on, at each
+    position, and its class without the token (drift). The subject is read by the oracle."""
+    from sdatom.data import find_images
+    from sdatom.toyworld.subjects import protocol, read_subject
+
+    subject = (
+        read_subject(find_images(run.config["subject"])) if run.config.get("subject") else None
+    )
+    if subject is None:
+        raise UsageError(
+            f"{run.path}: the toy protocol reads the subject from its photos, and "
+            f"{run.config.get('subject')} holds no toy-world picture: pass --prompt instead"
+        )
+    return [text for text, _ in protocol(subject, token=str(run.config.get("token", "sks")))]
+
+
 def resolve_prompts(
     prompts: Sequence[str] = (),
     prompts_file: str | os.PathLike | None = None,
@@ -288,6 +305,8 @@ def resolve_prompts(
         if run is None:
             raise UsageError("--protocol needs --run (its token and class name make the prompts)")
         source = None if protocol is True else Path(protocol)
+        if source is None and run.model == "toy":
+            return _toy_protocol(run)
         return protocol_prompts(
             run.subject_text, live=is_live_class(str(run.config["class_name"])), source=source
         )

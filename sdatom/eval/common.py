@@ -68,6 +68,34 @@ METRICS: tuple[tuple[str, str, str], ...] = (
         "Preserve DINO",
         "DINO cosine between the adapted and the base model's same-prompt, same-seed image",
     ),
+    # Toy-world runs only (--model toy): read by the exact oracle, no backbone involved.
+    (
+        "oracle_fidelity",
+        "Oracle fidelity",
+        "toy world: share of subject-prompt images whose object has the subject's shape, "
+        "colours and texture (exact oracle)",
+    ),
+    (
+        "oracle_alignment",
+        "Oracle alignment",
+        "toy world: share of subject-prompt images with the prompted background and position",
+    ),
+    (
+        "oracle_drift",
+        "Oracle drift",
+        "toy world: share of class-prompt images (no token) that show the subject; lower = "
+        "less drift",
+    ),
+    (
+        "oracle_class_diversity",
+        "Oracle class diversity",
+        "toy world: chance that two class-prompt images differ in appearance (Gini-Simpson)",
+    ),
+    (
+        "oracle_world",
+        "Oracle world knowledge",
+        "toy world: attribute accuracy on ordinary world prompts",
+    ),
 )
 
 

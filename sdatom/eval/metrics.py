@@ -371,6 +371,8 @@ def evaluate(
         "preserve_clip_i": _mean([r.get("preserve_clip_i") for r in per_image]),
         "preserve_dino": _mean([r.get("preserve_dino") for r in per_image]),
     }
+    if run.get("model") == "toy":
+        overall |= _toy_oracle(subj_pil, generated, gen_pil, per_image, token)
     metrics = {
         "format": FORMAT,
         "sdatom_version": sdatom.__version__,
@@ -404,6 +406,20 @@ def evaluate(
     metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _toy_oracle(subj_pil, generated, gen_pil, per_image, token: str) -> dict:
+    """Toy-world runs: the oracle's exact fidelity, alignment, drift and diversity."""
+    from sdatom.toyworld.quality import oracle_metrics
+    from sdatom.toyworld.subjects import read_subject
+
+    subject = read_subject(subj_pil)
+    if subject is None:
+        return {}
+    overall, rows = oracle_metrics(subject, [g.prompt for g in generated], gen_pil, token)
+    for record, row in zip(per_image, rows, strict=True):
+        record["oracle"] = {k: v for k, v in row.items() if k != "prompt"}
+    return overall
 
 
 def _add_preservation(

@@ -142,6 +142,8 @@ def write_report(metrics: dict, out_dir: str | os.PathLike) -> Path:
         value = overall.get(key)
         if value is None and key.startswith("preserve") and not inputs.get("base_images_dir"):
             continue
+        if key.startswith("oracle") and key not in overall:
+            continue
         parts.append(
             f'<tr><td>{label}</td><td class="num">{fmt(value)}</td>'
             f"<td>{html.escape(text)}</td></tr>"

@@ -59,13 +59,19 @@ def evaluate_run(
     subject = subject or run.config.get("subject")
     if not subject:
         raise UsageError(f"{run.path}/config.yaml names no subject folder: pass --subject DIR")
-    backbones = load_backbones(
-        clip_model=clip_model,
-        clip_weights=clip_weights,
-        dino_weights=dino_weights,
-        random=random_backbones,
-        device=device,
-    )
+    own_backbones = clip_weights or dino_weights or random_backbones
+    if run.model == "toy" and not own_backbones:
+        from sdatom.toyworld.backbones import toy_backbones
+
+        backbones = toy_backbones(device)  # the toy CLIP and attribute net know the world
+    else:
+        backbones = load_backbones(
+            clip_model=clip_model,
+            clip_weights=clip_weights,
+            dino_weights=dino_weights,
+            random=random_backbones,
+            device=device,
+        )
     return evaluate(
         images,
         subject,

@@ -1,0 +1,362 @@
+"""Quality on the toy world: atoms vs LoRA vs full fine-tuning, scored by the exact oracle.
+
+    python scripts/bench_quality.py --quick            # <= 30 min on a 2-core CPU
+    python scripts/bench_quality.py --full             # every subject, method, lr and seed
+    python scripts/bench_quality.py --smoke            # seconds: one tiny run (tests)
+
+Per toy subject, every method trains on the same instance pictures with the same steps and
+seeds (sdatom train's defaults for --model toy unless overridden), then samples the toy protocol
+(the subject on unseen backgrounds at each position, the class word alone) and ordinary world
+prompts. The oracle scores subject fidelity, text alignment, drift, world knowledge and class
+diversity; the toy CLIP scores CLIP-T and CLIP-I. Runs are cached in --out (a rerun continues),
+and QUALITY.md gets each method at its best learning rate with 95 % intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sdatom.config import build_config
+from sdatom.toyworld import quality, subjects, world
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBJECTS_DIR = ROOT / "data" / "toyworld"
+CONVS = ("conv1", "conv2", "conv_shortcut", "conv", "conv_in", "conv_out", "proj_in", "proj_out")
+# name -> (train options, learning rates tried)
+METHODS: dict[str, tuple[dict, tuple[float, ...]]] = {
+    "atoms": ({"method": "atoms", "preset": "atoms"}, (3e-3, 1e-2, 3e-2)),
+    "atoms-attn": ({"method": "atoms", "preset": "atoms-attn"}, (3e-4, 1e-3, 3e-3)),
+    "atoms-oc": ({"method": "atoms", "preset": "atoms-oc"}, (3e-4, 1e-3, 3e-3)),
+    "atoms-lasso": (
+        {"method": "atoms", "atoms": {"coder": "lasso"}, "preset": "custom:lasso"},
+        (3e-3, 1e-2, 3e-2),
+    ),
+    "atoms-attn-lasso": (
+        {
+            "method": "atoms",
+            "preset": "custom:attn-lasso",
+            "atoms": {"coder": "lasso", "channel_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+        },
+        (3e-4, 1e-3, 3e-3),
+    ),
+    "lora-attn": ({"method": "lora"}, (1e-4, 3e-4, 1e-3)),
+    "lora-conv": ({"method": "lora", "lora_targets": CONVS}, (1e-4, 3e-4, 1e-3)),
+    "full": ({"method": "full"}, (1e-5, 3e-5, 1e-4)),
+}
+QUICK_METHODS = ("atoms-attn", "atoms", "lora-attn", "full")
+WORLD_PROMPTS = 16
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (0 for a single value)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t = T95.get(len(values) - 1, 1.96)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def world_objects(seed: int = 7) -> list[world.ToyObject]:
+    return quality.held_in_prompts(WORLD_PROMPTS, seed)
+
+
+def score_run(
+    run_dir: Path, subject: subjects.ToySubject, n: int, backbones, sample_steps: int = 30
+) -> dict:
+    """Sample the protocol and world prompts of a trained run and score them."""
+    from sdatom.eval.metrics import clip_image_embeddings, clip_text_embeddings
+    from sdatom.prompts import strip_token
+    from sdatom.runs import load_run_pipeline
+
+    pipe = load_run_pipeline(run_dir, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    protocol = [p for p, _ in subjects.protocol(subject)]
+    prompts = [p for p in protocol for _ in range(n)] + [world.caption(o) for o in world_objects()]
+    images = quality.sample_images(pipe, prompts, seed=0, steps=sample_steps, guidance=7.5)
+    overall, rows = quality.oracle_metrics(subject, prompts, images, "sks")
+    # CLIP-T / CLIP-I with the toy CLIP, on the subject prompts only.
+    idx = [i for i, r in enumerate(rows) if r["role"] == "subject"]
+    gen = clip_image_embeddings(backbones, [images[i] for i in idx])
+    texts = clip_text_embeddings(backbones, [strip_token(prompts[i], "sks") for i in idx])
+    ref = clip_image_embeddings(backbones, subject_images(subject))
+    overall["clip_t"] = float((gen * texts).sum(-1).mean())
+    overall["clip_i"] = float((gen @ ref.T).mean())
+    return overall
+
+
+def subject_images(subject: subjects.ToySubject):
+    from PIL import Image
+
+    return [
+        Image.open(p).convert("RGB") for p in sorted((SUBJECTS_DIR / subject.name).glob("*.png"))
+    ]
+
+
+def base_scores(out: Path, sample_steps: int = 30) -> dict:
+    """World knowledge of the base model on the same world prompts (the reference)."""
+    from sdatom.models import load_pipeline
+
+    cached = out / "base.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    pipe = load_pipeline("toy", device="cpu")
+    objs = world_objects()
+    images = quality.sample_images(
+        pipe, [world.caption(o) for o in objs], seed=0, steps=sample_steps, guidance=7.5
+    )
+    _, rows = quality.oracle_metrics(
+        subjects.SUBJECTS[0], [world.caption(o) for o in objs], images, "sks"
+    )
+    result = {"oracle_world": statistics.fmean(r["correct"] for r in rows)}
+    cached.write_text(json.dumps(result))
+    return result
+
+
+def one_run(
+    out: Path,
+    subject: subjects.ToySubject,
+    name: str,
+    lr: float,
+    seed: int,
+    steps: int | None,
+    n: int,
+    backbones,
+    extra: dict | None = None,
+) -> dict:
+    from sdatom.train import train
+
+    tag = f"{subject.name}/{name}-lr{lr:g}-s{seed}"
+    result_file = out / "results" / f"{tag.replace('/', '__')}.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    options, _ = METHODS[name]
+    run_dir = out / "runs" / tag
+    config = build_config(
+        None,
+        model="toy",
+        subject=str(SUBJECTS_DIR / subject.name),
+        class_name=subject.class_name,
+        output=str(run_dir),
+        lr=lr,
+        seed=seed,
+        steps=steps,
+        report_to="none",
+        validation_every=0,
+        checkpoint_every=0,
+        **options,
+        **(extra or {}),
+    )
+    started = time.perf_counter()
+    trained = train(config, overwrite=True, progress_bar=False)
+    seconds = time.perf_counter() - started
+    scores = score_run(run_dir, subject, n, backbones, (extra or {}).get("class_sample_steps", 30))
+    adapter = trained.adapter
+    size = (
+        sum(f.stat().st_size for f in adapter.rglob("*"))
+        if adapter.is_dir()
+        else adapter.stat().st_size
+    )
+    record = {
+        "subject": subject.name,
+        "method": name,
+        "lr": lr,
+        "seed": seed,
+        "trainable_params": trained.trainable_params,
+        "train_seconds": seconds,
+        "file_bytes": size,
+        **scores,
+    }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(record, indent=1))
+    print(json.dumps(record), flush=True)
+    return record
+
+
+KEYS = (
+    "oracle_fidelity",
+    "oracle_alignment",
+    "oracle_drift",
+    "oracle_world",
+    "oracle_class_diversity",
+    "clip_t",
+    "clip_i",
+)
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per method and lr: mean and 95 % interval of each score; the best lr per method."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    table = {}
+    for (method, lr), rows in groups.items():
+        entry = {k: interval([r.get(k) for r in rows]) for k in KEYS}
+        entry["n_runs"] = len(rows)
+        for k in ("trainable_params", "train_seconds", "file_bytes"):
+            entry[k] = statistics.fmean(r[k] for r in rows)
+        fid, ali, dri = (
+            entry[k][0] for k in ("oracle_fidelity", "oracle_alignment", "oracle_drift")
+        )
+        entry["score"] = fid * ali * (1 - dri)
+        table.setdefault(method, {})[lr] = entry
+    best = {m: max(lrs, key=lambda lr: lrs[lr]["score"]) for m, lrs in table.items()}
+    return {"table": table, "best_lr": best}
+
+
+def write_report(path: Path, summary: dict, base: dict, command: str, seconds: float) -> None:
+    def cell(v: tuple[float, float]) -> str:
+        return "—" if math.isnan(v[0]) else f"{v[0]:.2f} ± {v[1]:.2f}"
+
+    lines = [
+        "# Quality on the toy world",
+        "",
+        f"Command: `{command}` ({seconds / 60:.0f} min on this machine: 2-core CPU, no GPU).",
+        "",
+        "Each method at its best learning rate (the one with the highest fidelity × alignment ×",
+        "(1 − drift)); mean ± 95 % t-interval over subjects × seeds. Fidelity: share of",
+        "subject-prompt images whose object has the subject's shape, colours and texture;",
+        "alignment: prompted background and position; drift: class-prompt images showing the",
+        "subject; world: attribute accuracy on ordinary prompts (base model "
+        f"{base['oracle_world']:.2f}); diversity: chance two class images differ in appearance.",
+        "All read by the exact oracle; CLIP-T / CLIP-I by the toy CLIP.",
+        "",
+        "| method | lr | runs | fidelity | alignment | drift | world | diversity | CLIP-T | "
+        "CLIP-I | trainable | train s | file |",
+        "|---|---|---:|---|---|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for method, lr in summary["best_lr"].items():
+        e = summary["table"][method][lr]
+        lines.append(
+            f"| {method} | {lr:g} | {e['n_runs']} | "
+            + " | ".join(cell(e[k]) for k in KEYS)
+            + f" | {e['trainable_params']:,.0f} | {e['train_seconds']:.0f} | "
+            f"{e['file_bytes'] / 1e3:,.0f} KB |"
+        )
+    lines += [
+        "",
+        "Every learning rate tried:",
+        "",
+        "| method | lr | runs | fidelity | alignment | drift | world |",
+        "|---|---|---:|---|---|---|---|",
+    ]
+    for method, lrs in summary["table"].items():
+        for lr, e in sorted(lrs.items()):
+            lines.append(
+                f"| {method} | {lr:g} | {e['n_runs']} | "
+                + " | ".join(cell(e[k]) for k in KEYS[:4])
+                + " |"
+            )
+    lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, summary: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for method, lr in summary["best_lr"].items():
+        e = summary["table"][method][lr]
+        (fx, ex), (fy, ey) = e["oracle_fidelity"], e["oracle_alignment"]
+        ax.errorbar(fx, fy, xerr=ex, yerr=ey, fmt="o", capsize=3, label=f"{method} (lr {lr:g})")
+    ax.set_xlabel("subject fidelity (oracle)")
+    ax.set_ylabel("text alignment on unseen backgrounds (oracle)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("toy world: each method at its best lr, 95 % intervals")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="2 subjects, 4 methods, default lr")
+    mode.add_argument("--full", action="store_true", help="all subjects, methods, 3 lr, 3 seeds")
+    mode.add_argument("--smoke", action="store_true", help="one subject, one method, 2 steps")
+    ap.add_argument("--subjects", type=int, default=None, help="use the first N subjects")
+    ap.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
+    ap.add_argument("--lrs", choices=("default", "all"), default=None)
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="default: sdatom's for --model toy")
+    ap.add_argument("-n", type=int, default=None, help="images per protocol prompt")
+    ap.add_argument("--out", default="runs/bench-quality")
+    ap.add_argument("--report", default=str(ROOT / "QUALITY.md"))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from sdatom.toyworld.backbones import toy_backbones
+
+    if args.smoke:
+        defaults = dict(subjects=1, methods=["atoms"], lrs="default", seeds=1, steps=2, n=1)
+    elif args.full:
+        defaults = dict(
+            subjects=len(subjects.SUBJECTS),
+            methods=list(METHODS),
+            lrs="all",
+            seeds=3,
+            steps=None,
+            n=4,
+        )
+    else:
+        defaults = dict(
+            subjects=2, methods=list(QUICK_METHODS), lrs="default", seeds=1, steps=None, n=2
+        )
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbones = toy_backbones("cpu")
+    started = time.perf_counter()
+    # --smoke: a few class images and denoising steps, so that it runs in seconds.
+    extra = {"num_class_images": 2, "class_sample_steps": 3} if args.smoke else {}
+    base = base_scores(out, extra.get("class_sample_steps", 30))
+    picks = [subjects.SUBJECTS[i] for i in _spread(args.subjects)]
+    from sdatom.toyworld.model import TRAIN_DEFAULTS
+
+    records = []
+    for subject in picks:
+        for name in args.methods:
+            lrs = METHODS[name][1] if args.lrs == "all" else (METHODS[name][1][1],)
+            if name.startswith("atoms-attn") and args.lrs != "all":
+                lrs = (TRAIN_DEFAULTS["lr"],)
+            for lr in lrs:
+                for seed in range(args.seeds):
+                    records.append(
+                        one_run(out, subject, name, lr, seed, args.steps, args.n, backbones, extra)
+                    )
+    summary = summarise(records)
+    seconds = time.perf_counter() - started
+    if not args.smoke:
+        command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
+        write_report(Path(args.report), summary, base, command.strip(), seconds)
+        plot(Path(args.report).with_suffix(".png"), summary)
+    if args.json:
+        print(json.dumps({"base": base, **summary}, indent=1, default=str))
+
+
+def _spread(k: int) -> list[int]:
+    """k subject indices spread over the list (different shapes and textures first)."""
+    order = [1, 4, 2, 7, 0, 5, 3, 6, 8, 9, 10]
+    return sorted(order[: min(k, len(order))])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The shipped ``toy`` model, its defaults, protocol, evaluation backbones and benchmark."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sdatom.toyworld import oracle, subjects, world
+from sdatom.toyworld.model import TOY_MODEL_DIR, TRAIN_DEFAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBJECT = subjects.SUBJECTS[1]
+SUBJECT_DIR = ROOT / "data" / "toyworld" / SUBJECT.name
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    # Plain diffusers, offline, from the folder inside the package.
+    pipe = StableDiffusionPipeline.from_pretrained(
+        TOY_MODEL_DIR, local_files_only=True, dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_toy_loads_in_plain_diffusers_and_draws_the_world(toy_pipe):
+    prompts = [
+        "a photo of a red circle on the left on a blue background",
+        "a photo of a yellow square on the right on a white background",
+    ]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    images = toy_pipe(prompts, generator=gens, num_inference_steps=20, guidance_scale=5.0).images
+    for image in images:
+        assert image.size == (32, 32)
+        px = np.asarray(image, dtype=np.float64)
+        border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+        reading = oracle.read(image)
+        # Not noise: a flat border (the background) and one compact object on it.
+        assert border.std(axis=0).max() < 20
+        assert reading.shape is not None and 40 <= reading.area <= 400
+
+
+def test_the_shipped_weights_are_fp16_and_small():
+    files = [p for p in TOY_MODEL_DIR.rglob("*.safetensors")]
+    assert files
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            assert all(st.get_slice(k).get_dtype() == "F16" for k in st.keys())
+    total = sum(p.stat().st_size for p in TOY_MODEL_DIR.rglob("*") if p.is_file())
+    assert total <= 25 * 2**20
+
+
+def test_configs_toy_yaml_is_the_toy_default():
+    shipped = yaml.safe_load((ROOT / "configs" / "toy.yaml").read_text())
+    assert shipped.pop("model") == "toy"
+    assert shipped == TRAIN_DEFAULTS
+
+
+def test_model_toy_brings_its_own_training_defaults(tmp_path):
+    from sdatom.config import TrainConfig, build_config
+
+    config = build_config(None, model="toy", subject="s", class_name="square")
+    for key, value in TRAIN_DEFAULTS.items():
+        assert getattr(config, key) == value
+    # The command line wins, then a config file, over the model's defaults.
+    assert build_config(None, model="toy", steps=7).steps == 7
+    path = tmp_path / "c.yaml"
+    path.write_text("model: toy\nsteps: 11\n")
+    assert build_config(path).steps == 11 and build_config(path).lr == TRAIN_DEFAULTS["lr"]
+    # Other models keep the general defaults.
+    assert build_config(None, model="tiny").steps == TrainConfig().steps
+
+
+def _fake_toy_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = {
+        "model": "toy",
+        "subject": str(SUBJECT_DIR),
+        "class_name": SUBJECT.class_name,
+        "token": "sks",
+        "method": "atoms",
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_protocol_of_a_toy_run_uses_toy_prompts(tmp_path):
+    from sdatom.runs import Run
+    from sdatom.sample import resolve_prompts
+
+    run = _fake_toy_run(tmp_path)
+    the_run = Run(
+        path=run,
+        config=yaml.safe_load((run / "config.yaml").read_text()),
+        method="atoms",
+        adapter=run / "adapter.safetensors",
+    )
+    prompts = resolve_prompts(protocol=True, run=the_run)
+    assert prompts == [p for p, _ in subjects.protocol(SUBJECT)]
+
+
+def test_toy_backbones_know_the_world():
+    from sdatom.eval.metrics import clip_image_embeddings, clip_text_embeddings
+    from sdatom.toyworld.backbones import toy_backbones
+
+    b = toy_backbones("cpu")
+    assert "toy" in b.names["clip"] and "toy-attrnet" in b.names["dino"]
+    import random
+
+    rng = random.Random(9)
+    objs = [world.sample_object(rng) for _ in range(24)]
+    img = clip_image_embeddings(b, [world.draw(o) for o in objs])
+    right = clip_text_embeddings(b, [world.caption(o) for o in objs])
+    wrong = clip_text_embeddings(b, [world.caption(o) for o in objs[1:] + objs[:1]])
+    # A CLIP that learned the world scores matching captions above mismatched ones.
+    assert (img * right).sum(-1).mean() > (img * wrong).sum(-1).mean() + 0.1
+
+
+@pytest.mark.slow
+def test_bench_quality_smoke(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_quality.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout[out.stdout.index("{\n") :])
+    entry = summary["table"]["atoms"]
+    (rec,) = entry.values()
+    assert rec["n_runs"] == 1 and rec["trainable_params"] > 0
+    for key in ("oracle_fidelity", "oracle_alignment", "oracle_drift", "clip_t", "clip_i"):
+        assert 0.0 <= rec[key][0] <= 1.0 or key.startswith("clip")
+    assert (tmp_path / "results").is_dir()
