@@ -34,12 +34,9 @@ CONVS = ("conv1", "conv2", "conv_shortcut", "conv", "conv_in", "conv_out", "proj
 # name -> (train options, learning rates tried)
 METHODS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "atoms": ({"method": "atoms", "preset": "atoms"}, (3e-3, 1e-2, 3e-2)),
-    "atoms-attn": ({"method": "atoms", "preset": "atoms-attn"}, (3e-4, 1e-3, 3e-3)),
+    "atoms-paper": ({"method": "atoms", "preset": "atoms-paper"}, (3e-3, 1e-2, 3e-2)),
     "atoms-oc": ({"method": "atoms", "preset": "atoms-oc"}, (3e-4, 1e-3, 3e-3)),
-    "atoms-lasso": (
-        {"method": "atoms", "atoms": {"coder": "lasso"}, "preset": "custom:lasso"},
-        (3e-3, 1e-2, 3e-2),
-    ),
+    "atoms-attn": ({"method": "atoms", "preset": "atoms-attn"}, (3e-4, 1e-3, 3e-3)),
     "atoms-attn-lasso": (
         {
             "method": "atoms",
@@ -185,6 +182,7 @@ def one_run(
     return record
 
 
+START, END = "<!-- bench_quality: start -->", "<!-- bench_quality: end -->"
 KEYS = (
     "oracle_fidelity",
     "oracle_alignment",
@@ -221,7 +219,7 @@ def write_report(path: Path, summary: dict, base: dict, command: str, seconds: f
         return "—" if math.isnan(v[0]) else f"{v[0]:.2f} ± {v[1]:.2f}"
 
     lines = [
-        "# Quality on the toy world",
+        "## Atoms, LoRA and full fine-tuning on the toy subjects",
         "",
         f"Command: `{command}` ({seconds / 60:.0f} min on this machine: 2-core CPU, no GPU).",
         "",
@@ -260,7 +258,14 @@ def write_report(path: Path, summary: dict, base: dict, command: str, seconds: f
                 + " |"
             )
     lines.append("")
-    path.write_text("\n".join(lines) + "\n")
+    # Only the benchmark's own section is rewritten; the rest of the file is kept.
+    text = "\n".join([START, *lines, END])
+    old = path.read_text() if path.is_file() else ""
+    if START in old and END in old:
+        text = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
+    elif old:
+        text = old.rstrip() + "\n\n" + text + "\n"
+    path.write_text(text if text.endswith("\n") else text + "\n")
 
 
 def plot(path: Path, summary: dict) -> None:

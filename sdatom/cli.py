@@ -35,8 +35,9 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Base model: a hub id, a local diffusers folder, a .safetensors/.ckpt file, 'tiny' "
-        "or 'random:sd15'/'random:sd21'. Default: $SDATOM_MODEL or SD-1.5.",
+        help="Base model: a hub id, a local diffusers folder, a .safetensors/.ckpt file, 'toy' "
+        "(the pretrained toy-world model), 'tiny' or 'random:sd15'/'random:sd21'. "
+        "Default: $SDATOM_MODEL or SD-1.5.",
         show_default=False,
     ),
 ]

@@ -42,7 +42,9 @@ class TrainConfig:
     subject: str | None = _opt(None, "Folder of subject photos (3-5 photos is typical).")
     class_name: str | None = _opt(None, "The subject's class, e.g. dog (never guessed).")
     token: str = _opt("sks", "Placeholder token that names the subject in prompts.")
-    model: str | None = _opt(None, "Base model spec (hub id, folder, file, tiny, random:sd15).")
+    model: str | None = _opt(
+        None, "Base model spec (hub id, folder, file, toy, tiny, random:sd15)."
+    )
     model_config: str | None = _opt(
         None, "For a single-file --model: the diffusers folder or hub id of its configs."
     )

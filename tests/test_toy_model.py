@@ -149,3 +149,42 @@ def test_bench_quality_smoke(tmp_path):
     for key in ("oracle_fidelity", "oracle_alignment", "oracle_drift", "clip_t", "clip_i"):
         assert 0.0 <= rec[key][0] <= 1.0 or key.startswith("clip")
     assert (tmp_path / "results").is_dir()
+
+
+def test_eval_of_a_toy_run_adds_the_oracle_and_names_the_toy_backbones(tmp_path):
+    import random
+
+    from sdatom.eval.metrics import evaluate
+    from sdatom.toyworld.backbones import toy_backbones
+
+    run = tmp_path / "run"
+    images = run / "samples" / "protocol"
+    images.mkdir(parents=True)
+    summary = {"method": "atoms", "model": "toy", "token": "sks", "class_name": SUBJECT.shape}
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    rng = random.Random(0)
+    entries = []
+    # A perfect model: the subject exactly where each subject prompt asks, plain class objects.
+    for i, (text, role) in enumerate(subjects.protocol(SUBJECT)):
+        asked = world.parse_prompt(text)
+        looks = (
+            {"colors": SUBJECT.colors, "texture": SUBJECT.texture, "position": asked.position}
+            if role == "subject"
+            else {"texture": "solid"}
+        )
+        for j in range(2):
+            obj = world.sample_object(
+                rng, shape=SUBJECT.shape, background=asked.background, allow_held_out=True, **looks
+            )
+            name = f"p{i:03d}-i{j:02d}.png"
+            world.draw(obj).save(images / name)
+            entries.append({"file": name, "prompt": text, "seed": j, "prompt_index": i})
+    (images / "manifest.json").write_text(json.dumps({"images": entries, "settings": {}}))
+    metrics = evaluate(images, SUBJECT_DIR, run / "eval", backbones=toy_backbones(), report=True)
+    overall = metrics["overall"]
+    assert overall["oracle_fidelity"] == 1.0 and overall["oracle_alignment"] == 1.0
+    assert overall["oracle_drift"] == 0.0 and overall["oracle_class_diversity"] > 0.0
+    assert "oracle_world" not in overall  # no world prompts were sampled
+    assert "toy" in metrics["backbones"]["clip"]
+    page = (run / "eval" / "report.html").read_text()
+    assert "Oracle fidelity" in page

@@ -419,7 +419,7 @@ def _toy_oracle(subj_pil, generated, gen_pil, per_image, token: str) -> dict:
     overall, rows = oracle_metrics(subject, [g.prompt for g in generated], gen_pil, token)
     for record, row in zip(per_image, rows, strict=True):
         record["oracle"] = {k: v for k, v in row.items() if k != "prompt"}
-    return overall
+    return {k: v for k, v in overall.items() if v is not None}  # only the roles sampled
 
 
 def _add_preservation(
