@@ -33,7 +33,7 @@ from sdatom.toyworld.attrnet import AttrNet, attribute_targets, attrnet_loss
 from sdatom.toyworld.quality import base_model_report
 
 STAGE_SEED = {"vae": 1, "clip": 2, "attrnet": 3, "unet": 4}
-STEPS = {"vae": 2500, "clip": 2000, "attrnet": 1500, "unet": 4000}
+STEPS = {"vae": 2500, "clip": 2000, "attrnet": 1500, "unet": 3200}
 BATCH = {"vae": 32, "clip": 128, "attrnet": 128, "unet": 32}
 LR = {"vae": 1e-3, "clip": 1e-3, "attrnet": 2e-3, "unet": 6e-4}
 WARMUP = {"vae": 100, "clip": 200, "attrnet": 100, "unet": 300}
