@@ -33,7 +33,7 @@ from sdatom.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from sdatom.config import DEFAULT_LR, TrainConfig, dump_config
+from sdatom.config import DEFAULT_LR, MIXED_PRECISION, TrainConfig, dump_config
 from sdatom.errors import CheckpointError, ConfigError, Interrupted, TrainingError, UsageError
 from sdatom.fileio import atomic_path, atomic_write_text
 
@@ -471,6 +471,15 @@ def train(
     accelerator = make_accelerator(plan.config, plan.output)
     # Every process has checked the output folder (plan_run) before any process writes to it.
     accelerator.wait_for_everyone()
+    # Not set: accelerate's own setting (launch flag, config file, environment) applied;
+    # config.yaml records the precision actually used.
+    used = accelerator.mixed_precision
+    if used not in MIXED_PRECISION:
+        raise ConfigError(
+            f"mixed precision {used!r} (from accelerate's settings) is not supported: "
+            f"use one of {', '.join(MIXED_PRECISION)}"
+        )
+    plan = replace(plan, config=plan.config.replace(mixed_precision=used))
     pipe = load_pipeline(
         plan.config.model, dtype="fp32", device=accelerator.device, config=plan.config.model_config
     )
@@ -650,6 +659,7 @@ def train(
             "class_name": c.class_name,
             "subject": str(c.subject),
             "processes": accelerator.num_processes,
+            "mixed_precision": c.mixed_precision,
             "sdatom_version": __version__,
         }
         atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))

@@ -287,6 +287,21 @@ def test_bf16_mixed_precision_keeps_atoms_in_fp32(tmp_path):
     assert result.unet.conv_in.base_layer.weight.dtype == torch.bfloat16
 
 
+def test_mixed_precision_not_set_follows_accelerate_and_is_recorded(tmp_path, monkeypatch):
+    # What `accelerate launch --mixed_precision bf16` or a saved `accelerate config` sets.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert TrainConfig().mixed_precision is None
+    result = train(_config(tmp_path, "env", steps=1), progress_bar=False)
+    assert result.unet.conv_in.base_layer.weight.dtype == torch.bfloat16
+    assert load_config(tmp_path / "env" / "config.yaml").mixed_precision == "bf16"
+    assert result.summary["mixed_precision"] == "bf16"
+    # --mixed-precision, when given, still wins over accelerate's setting.
+    result = train(_config(tmp_path, "flag", steps=1, mixed_precision="no"), progress_bar=False)
+    assert result.unet.conv_in.base_layer.weight.dtype == torch.float32
+    assert load_config(tmp_path / "flag" / "config.yaml").mixed_precision == "no"
+    assert result.summary["mixed_precision"] == "no"
+
+
 def _two_process_worker(cfg_dict):
     from accelerate import PartialState
     from safetensors.torch import save_file
