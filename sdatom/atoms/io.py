@@ -90,14 +90,12 @@ def _check_shape(key: str, value: torch.Tensor, target: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- fingerprints
-def _probe(weight: torch.Tensor, merged_delta: torch.Tensor | None = None) -> list[float]:
+def _probe(weight: torch.Tensor) -> list[float]:
     flat = weight.detach().reshape(-1)
     # Evenly spaced integer positions (float32 linspace rounds past the end of big weights).
     n, k = flat.numel(), min(flat.numel(), _PROBE_SIZE)
     idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
     vals = flat[idx.to(flat.device)].float()
-    if merged_delta is not None:
-        vals = vals - merged_delta.reshape(-1)[idx.to(flat.device)]
     return [float(f"{v:.6g}") for v in vals.cpu().tolist()]
 
 
@@ -162,7 +160,7 @@ def save_atoms(
                 for k, v in tensors.items()
                 if k.rpartition(".")[0] == name
             },
-            "probe": _probe(weight, layer._merged_delta if layer.merged else None),
+            "probe": _probe(layer.original_weight()),
         }
     (config,) = configs
     meta = {
@@ -294,10 +292,10 @@ def load_atoms(
             continue
         mode, module, layer = candidates[name]
         shape = list(module.weight.shape)
-        merged_delta = layer._merged_delta if layer is not None and layer.merged else None
+        weight = layer.original_weight() if layer is not None else module.weight
         if shape != info["weight_shape"] or mode != info["mode"]:
             problems.append(f"{name!r} has shape {shape}, file has {info['weight_shape']}")
-        elif not _probe_close(_probe(module.weight, merged_delta), info["probe"]):
+        elif not _probe_close(_probe(weight), info["probe"]):
             weight_problems.append(f"{name!r} has different base weights (fingerprint mismatch)")
             other_weights.append(name)
         else:
