@@ -303,15 +303,29 @@ def test_mixed_precision_not_set_follows_accelerate_and_is_recorded(tmp_path, mo
 
 
 def _two_process_worker(cfg_dict):
-    from accelerate import PartialState
+    from accelerate import Accelerator, PartialState
     from safetensors.torch import save_file
 
     from sdatom.atoms import atom_state_dict
     from sdatom.config import TrainConfig
 
     PartialState._reset_state()  # forked from a process that already ran single-process runs
-    result = train(TrainConfig.from_dict(cfg_dict), progress_bar=False)
+    prepared = []
+    original = Accelerator.prepare_model
+
+    def prepare_model(self, model, *args, **kwargs):  # records how DDP wrapped the UNet
+        wrapped = original(self, model, *args, **kwargs)
+        prepared.append(getattr(wrapped, "broadcast_buffers", None))
+        return wrapped
+
+    Accelerator.prepare_model = prepare_model
+    try:
+        result = train(TrainConfig.from_dict(cfg_dict), progress_bar=False)
+    finally:
+        Accelerator.prepare_model = original
     rank = PartialState().process_index
+    with open(os.path.join(cfg_dict["output"], f"ddp{rank}.json"), "w") as f:
+        json.dump(prepared, f)
     state = {k: v.contiguous() for k, v in atom_state_dict(result.unet).items()}
     save_file(state, os.path.join(cfg_dict["output"], f"rank{rank}.safetensors"))
 
@@ -326,6 +340,9 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     rank0 = _tensors(tmp_path / "two" / "rank0.safetensors")
     rank1 = _tensors(tmp_path / "two" / "rank1.safetensors")
     _assert_same_tensors(rank0, rank1, atol=0)
+    # DDP wrapped the UNet without re-broadcasting its (frozen) buffers every step.
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "two" / f"ddp{rank}.json").read_text()) == [False]
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
     assert summary["processes"] == 2
     _assert_same_tensors(
