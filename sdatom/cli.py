@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -49,21 +50,46 @@ PresetOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which handles it itself, like Ctrl-C)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; return the previous one (None off the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a test runner's worker thread)
+        return None
+
+
 def command(fn):
     """Register ``fn`` as a command whose SdatomErrors become one red line and an exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = _on_sigterm(_raise_terminated)
         try:
             return fn(*args, **kwargs)
+        except _Terminated:  # SIGTERM before or outside the training loop
+            typer.secho("terminated; nothing was saved", fg=typer.colors.RED, err=True)
+            raise typer.Exit(143)
         except KeyboardInterrupt:  # before or outside the training loop: nothing to save
             typer.secho("interrupted; nothing was saved", fg=typer.colors.RED, err=True)
             raise typer.Exit(Interrupted.exit_code)
         except SdatomError as e:
             if os.environ.get("SDATOM_DEBUG"):
                 raise
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            if getattr(e, "report", True):  # one message per multi-process run
+                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(e.exit_code)
+        finally:
+            _on_sigterm(previous)
 
     # A trailing underscore ("eval_") names a command without shadowing a builtin.
     return app.command(name=fn.__name__.rstrip("_"))(wrapper)

@@ -393,27 +393,40 @@ class TrainResult:
 
 
 class _Interrupt:
-    """Turns the first Ctrl-C into a flag checked between steps (save, then exit cleanly)."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag checked between steps (save,
+    then exit cleanly). SIGTERM is what SLURM, Kubernetes and ``timeout`` send before a kill.
+
+    A second signal stops at once, except under a launcher (torchrun forwards the signal it
+    got to every worker, so one Ctrl-C may arrive twice): there the flag is all that counts.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.terminated = False  # the first signal was SIGTERM
+        self._previous: dict[int, Any] = {}
+        self._launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler
+                pass
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if self.requested:
+            if self._launched:
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.requested = True
+        self.terminated = signum == signal.SIGTERM
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def make_accelerator(config: TrainConfig, output: Path):
@@ -638,9 +651,12 @@ def train(
                             plan, accelerator, unet, optimizer, lr_scheduler, here
                         )
                         if interrupted:
+                            what = "terminated (SIGTERM)" if status["terminated"] else "interrupted"
                             raise Interrupted(
-                                f"interrupted at step {step}; checkpoint saved in {path}. Continue "
-                                f"with the same command plus --resume latest"
+                                f"{what} at step {step}; checkpoint saved in {path}. Continue "
+                                f"with the same command plus --resume latest",
+                                terminated=status["terminated"],
+                                report=accelerator.is_main_process,
                             )
                     if step >= c.steps:
                         break
@@ -710,13 +726,22 @@ def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step,
 
 
 def _check_status(loss: torch.Tensor, interrupt: _Interrupt, accelerator) -> dict[str, bool]:
-    """One collective per step: did any process see a non-finite loss or a Ctrl-C?"""
+    """One collective per step: did any process see a non-finite loss, a Ctrl-C or a SIGTERM?
+    Every process then stops at the same step."""
     flags = torch.tensor(
-        [float(not torch.isfinite(loss.detach()).item()), float(interrupt.requested)],
+        [
+            float(not torch.isfinite(loss.detach()).item()),
+            float(interrupt.requested),
+            float(interrupt.terminated),
+        ],
         device=accelerator.device,
     )
     flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
-    return {"nonfinite": bool(flags[0] > 0), "interrupted": bool(flags[1] > 0)}
+    return {
+        "nonfinite": bool(flags[0] > 0),
+        "interrupted": bool(flags[1] > 0),
+        "terminated": bool(flags[2] > 0),
+    }
 
 
 def _stop_on_nonfinite(plan: RunPlan, step: int) -> None:
