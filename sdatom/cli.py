@@ -213,7 +213,13 @@ RunOpt = Annotated[
     typer.Option("--run", "-r", help="Run folder written by `sdatom train` (runs/<name>)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 (GPU) or bf16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", help="auto (fp16 on CUDA, fp32 on CPU and MPS), fp32, fp16 or bf16."),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar (none is shown in logs either).")
+]
 
 
 @command
@@ -279,7 +285,8 @@ def sample(
         ),
     ] = 1,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
     model_config: Annotated[
         str | None,
         typer.Option("--model-config", help="For a single-file --model: its diffusers configs."),
@@ -319,8 +326,12 @@ def sample(
         dtype=dtype,
         model_config=model_config,
         force=force,
+        progress=not quiet,
     )
-    typer.echo(f"{len(result.images)} images in {result.output_dir}\ngrid: {result.grid}")
+    typer.echo(
+        f"{len(result.images)} images in {result.output_dir} ({result.device}, {result.dtype})"
+        f"\ngrid: {result.grid}"
+    )
 
 
 @command
@@ -341,11 +352,14 @@ def export(
         str, typer.Option("--dtype", help="Saved weights: fp32, fp16 or bf16.")
     ] = "fp32",
     model: ModelOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Export a run's model with the adapter merged in, for tools without sdatom."""
     from sdatom.export import export as run_export
 
-    out = run_export(run, merged=merged, single_file=single_file, dtype=dtype, model=model)
+    out = run_export(
+        run, merged=merged, single_file=single_file, dtype=dtype, model=model, progress=not quiet
+    )
     typer.echo(f"exported: {out}")
 
 
@@ -381,6 +395,7 @@ def eval_(
         ),
     ] = False,
     device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
 ) -> None:
     """Score a run's samples: CLIP-T, CLIP-I, DINO, diversity; writes eval/report.html."""
     from sdatom.eval.metrics import format_table
@@ -397,6 +412,7 @@ def eval_(
         dino_weights=dino_weights,
         random_backbones=random_backbones,
         device=str(resolve_device(device)),
+        progress=not quiet,
     )
     typer.echo(format_table(metrics))
     typer.echo(f"report: {run / 'eval' / 'report.html'}")
