@@ -209,13 +209,26 @@ def save_adapter(unet: torch.nn.Module, plan: RunPlan, pipe: Any) -> Path:
 # ----------------------------------------------------------------------------- the data
 
 
-def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | None:
+def class_image_precision(accelerator: Any) -> str:
+    """The precision class images are generated in: the training precision on GPUs (fast, and
+    the images the model is later regularised towards), fp32 on the CPU."""
+    if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("fp16", "bf16"):
+        return accelerator.mixed_precision
+    return "fp32"
+
+
+def class_images(
+    plan: RunPlan, pipe: Any, accelerator: Any, progress: bool = True
+) -> list[Path] | None:
     """Class images for prior preservation: the user's folder, or generated once and cached.
 
     Generation is split across processes (image i on process i % N), so no process waits on
     another for long; each image is written atomically, so a killed run never leaves a
-    half-written image that later counts.
+    half-written image that later counts. The cache key holds the model, prompt, resolution,
+    denoising steps and precision.
     """
+    import contextlib
+
     from sdatom.data import (
         class_image_cache_dir,
         class_image_path,
@@ -223,6 +236,7 @@ def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | Non
         find_images,
         list_cached_class_images,
     )
+    from sdatom.progress import progress_bar
 
     c = plan.config
     if not c.prior:
@@ -230,26 +244,44 @@ def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | Non
     if c.class_dir:
         return find_images(c.class_dir)[: c.num_class_images]
     prompt = class_prompt(c.class_name)
-    folder = class_image_cache_dir(c.model, prompt, c.num_class_images, c.resolution)
+    precision = class_image_precision(accelerator)
+    folder = class_image_cache_dir(
+        c.model,
+        prompt,
+        c.num_class_images,
+        c.resolution,
+        steps=c.class_sample_steps,
+        precision=precision,
+    )
     cached = list_cached_class_images(folder, c.num_class_images)
     if cached is not None:
         return cached
     folder.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     logger.info("generating %d class images for %r", c.num_class_images, prompt)
-    for i in range(rank, c.num_class_images, world):
+    mine = [i for i in range(rank, c.num_class_images, world)]
+    bar = progress_bar(
+        len(mine),
+        "class images",
+        enabled=progress and accelerator.is_local_main_process,
+        unit="img",
+    )
+    autocast = accelerator.autocast() if precision != "fp32" else contextlib.nullcontext()
+    for i in mine:
         path = class_image_path(folder, i)
-        if path.is_file():
-            continue
-        image = pipe(
-            prompt,
-            num_inference_steps=c.class_sample_steps,
-            height=c.resolution,
-            width=c.resolution,
-            generator=torch.Generator(device="cpu").manual_seed(i),
-        ).images[0]
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
+        if not path.is_file():
+            with autocast:
+                image = pipe(
+                    prompt,
+                    num_inference_steps=c.class_sample_steps,
+                    height=c.resolution,
+                    width=c.resolution,
+                    generator=torch.Generator(device="cpu").manual_seed(i),
+                ).images[0]
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+        bar.update(1)
+    bar.close()
     accelerator.wait_for_everyone()
     return list_cached_class_images(folder, c.num_class_images)
 
@@ -522,7 +554,7 @@ def train(
         enable_xformers(pipe, accelerator.device)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    images = class_images(plan, pipe, accelerator)
+    images = class_images(plan, pipe, accelerator, progress_bar)
     unet = pipe.unet
     params = add_adapter(unet, c)
     if c.method != "full" and weight_dtype != torch.float32:

@@ -302,6 +302,20 @@ def test_mixed_precision_not_set_follows_accelerate_and_is_recorded(tmp_path, mo
     assert result.summary["mixed_precision"] == "no"
 
 
+def test_class_images_use_the_training_precision_on_gpus():
+    from types import SimpleNamespace
+
+    from sdatom.train import class_image_precision
+
+    def acc(device, mp):
+        return SimpleNamespace(device=torch.device(device), mixed_precision=mp)
+
+    assert class_image_precision(acc("cuda", "fp16")) == "fp16"
+    assert class_image_precision(acc("cuda", "bf16")) == "bf16"
+    assert class_image_precision(acc("cuda", "no")) == "fp32"
+    assert class_image_precision(acc("cpu", "bf16")) == "fp32"
+
+
 def _two_process_worker(cfg_dict):
     from accelerate import Accelerator, PartialState
     from safetensors.torch import save_file
