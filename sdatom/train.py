@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "train_summary.json"
 # Config fields that may differ between a run and its resumption (they change no result).
+# Schedules whose learning rate at a step does not depend on the total number of steps.
+STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 RESUMABLE_CHANGES = {
     "steps",
     "checkpoint_every",
@@ -104,8 +106,14 @@ def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> Run
     finished = (output / SUMMARY_FILE).is_file()
     started = (output / "config.yaml").is_file()
     if resume is None and (finished or started) and not overwrite:
-        what = "a finished run" if finished else "an unfinished run"
-        hint = "" if finished else " or --resume latest to continue it"
+        from sdatom.checkpoint import list_checkpoints
+
+        if finished:
+            what, hint = "a finished run", ""
+        elif list_checkpoints(output):
+            what, hint = "an unfinished run", " or --resume latest to continue it"
+        else:  # stopped before its first checkpoint: nothing to resume
+            what, hint = "an unfinished run with no checkpoint", " (that starts it again)"
         raise UsageError(
             f"--output {output} already holds {what}: pass --overwrite to replace it{hint}"
         )
@@ -136,14 +144,18 @@ def add_adapter(unet: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Par
     if config.method == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=list(config.lora_targets),
+        # peft draws the gaussian init from the global RNG: --seed makes it reproducible,
+        # without disturbing the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            unet.add_adapter(
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora_targets),
+                )
             )
-        )
         return [p for p in unet.parameters() if p.requires_grad]
     unet.requires_grad_(True)
     return list(unet.parameters())
@@ -826,6 +838,14 @@ def _find_resume(plan: RunPlan, resume: str | None):
         raise CheckpointError(
             f"--resume {path}: the checkpoint was made with different {', '.join(differs)}; "
             "resume with the options of the original run"
+        )
+    c = plan.config
+    if saved.steps != c.steps and c.lr_scheduler not in STEP_FREE_SCHEDULES:
+        # The schedule's shape depends on the total: a new total would make the LR jump.
+        raise CheckpointError(
+            f"--resume {path}: --steps {c.steps} differs from the run's {saved.steps}, and the "
+            f"{c.lr_scheduler!r} schedule depends on the total, so its learning rate would jump; "
+            f"resume with --steps {saved.steps} (only constant schedules can change --steps)"
         )
     return checkpoint
 

@@ -169,7 +169,9 @@ def test_only_atoms_change_and_base_weights_stay_bit_identical(tmp_path, tiny_di
         assert len(match) == 1, key
         assert torch.equal(trained[match[0]], value), key
     atoms = _tensors(result.adapter)
-    assert any(v.abs().sum() > 0 for k, v in atoms.items() if "delta" in k or "atoms_" in k)
+    trained = {k: v for k, v in atoms.items() if not k.endswith(".atoms_d0")}  # D0 is frozen
+    assert trained and all(k.endswith(".atoms_delta") for k in trained)
+    assert any(v.abs().max() > 0 for v in trained.values())  # zero-initialised, then trained
 
 
 def test_resume_finishes_with_the_same_adapter(tmp_path):
@@ -202,6 +204,54 @@ def test_resume_refuses_a_changed_config(tmp_path):
     (tmp_path / "run" / "train_summary.json").unlink()
     with pytest.raises(CheckpointError, match="different lr"):
         train(_config(tmp_path, steps=2, checkpoint_every=1, lr=0.5), resume="latest")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_gets_advice_that_works(tmp_path):
+    from sdatom.errors import UsageError
+
+    train(_config(tmp_path, steps=1), progress_bar=False)
+    run = tmp_path / "run"
+    for name in ("train_summary.json", "adapter.safetensors"):  # "killed" before the end
+        (run / name).unlink()
+    with pytest.raises(UsageError) as again:
+        train(_config(tmp_path, steps=1), progress_bar=False)
+    assert "--overwrite" in str(again.value) and "--resume" not in str(again.value)
+    with pytest.raises(CheckpointError) as resumed:
+        train(_config(tmp_path, steps=1), resume="latest", progress_bar=False)
+    assert "--overwrite" in str(resumed.value)
+    assert train(_config(tmp_path, steps=1), overwrite=True, progress_bar=False).steps == 1
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_resume_refuses_new_steps_with_a_schedule_that_depends_on_them(tmp_path, schedule):
+    train(_config(tmp_path, steps=2, checkpoint_every=1, lr_scheduler=schedule), progress_bar=False)
+    (tmp_path / "run" / "train_summary.json").unlink()
+    cfg = _config(tmp_path, steps=4, checkpoint_every=1, lr_scheduler=schedule)
+    with pytest.raises(CheckpointError, match="--steps 4 differs from the run's 2"):
+        train(cfg, resume="latest", progress_bar=False)
+
+
+def test_resume_may_change_steps_with_a_constant_schedule(tmp_path):
+    train(_config(tmp_path, steps=2, checkpoint_every=1), progress_bar=False)
+    (tmp_path / "run" / "train_summary.json").unlink()
+    result = train(_config(tmp_path, steps=3, checkpoint_every=1), resume="latest")
+    assert result.steps == 3
+
+
+def test_seed_seeds_the_lora_initialisation(tiny_dir):
+    from sdatom.models import load_pipeline
+    from sdatom.train import add_adapter
+
+    def lora_init(seed, global_seed):
+        unet = load_pipeline(str(tiny_dir)).unet
+        torch.manual_seed(global_seed)  # a fresh process starts its global RNG at random
+        add_adapter(unet, TrainConfig(subject="x", class_name="y", method="lora", seed=seed))
+        return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
+
+    a, b, c = lora_init(0, 11), lora_init(0, 22), lora_init(1, 11)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_checkpoints_rotate_to_keep_the_newest(tmp_path):
