@@ -156,6 +156,9 @@ def train(
     prior: Annotated[bool | None, _opt("prior", "--prior/--no-prior")] = None,
     class_dir: Annotated[str | None, _opt("class_dir", "--class-dir")] = None,
     num_class_images: Annotated[int | None, _opt("num_class_images", "--num-class-images")] = None,
+    class_sample_steps: Annotated[
+        int | None, _opt("class_sample_steps", "--class-sample-steps")
+    ] = None,
     prior_loss_weight: Annotated[
         float | None, _opt("prior_loss_weight", "--prior-loss-weight")
     ] = None,
