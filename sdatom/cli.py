@@ -44,7 +44,8 @@ ModelOpt = Annotated[
 PresetOpt = Annotated[
     str | None,
     typer.Option(
-        "--preset", help="Atom preset: atoms, atoms-oc, atoms-attn, or a YAML atom config file."
+        "--preset",
+        help="Atom preset: atoms, atoms-paper, atoms-oc, atoms-attn, or a YAML atom config file.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]

@@ -49,7 +49,7 @@ class TrainConfig:
     output: str | None = _opt(None, "Run folder. Default: runs/<subject folder name>.")
     # Method
     method: str = _opt("atoms", "What to tune: atoms, lora (peft baseline) or full (DreamBooth).")
-    preset: str = _opt("atoms-attn", "Atom preset: atoms, atoms-oc, atoms-attn.")
+    preset: str = _opt("atoms-attn", "Atom preset: atoms, atoms-paper, atoms-oc, atoms-attn.")
     atoms: dict | None = _opt(None, "Custom atom config (AtomConfig fields); overrides preset.")
     lora_rank: int = _opt(4, "LoRA rank (method lora).")
     lora_targets: tuple[str, ...] = _opt(

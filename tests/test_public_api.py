@@ -66,7 +66,7 @@ def test_public_api_round_trip(tmp_path):
     sdatom.add_atoms(model, "atoms")
     assert torch.allclose(model(x), base, atol=1e-6)  # delta form: unchanged at step 0
     params = sdatom.trainable_parameters(model)
-    assert sum(p.numel() for p in params) == 81 + 9
+    assert sum(p.numel() for p in params) == 81 + 1  # a 9×9 tap mix and a 1×1 gain
     with torch.no_grad():
         for p in params:
             p.normal_(std=0.1)

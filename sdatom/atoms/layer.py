@@ -5,7 +5,8 @@ weight never copied), exposes ``get_delta_weight`` and has three forward cases: 
 disabled (the base layer, unmerged first if needed), merged (the base layer), otherwise ONE
 convolution/matmul with the summed weight W0 + delta.
 
-Parameters are named ``atoms_*``: ``atoms_delta`` ΔD (trainable, zero-initialised),
+Parameters are named ``atoms_*``: ``atoms_delta`` ΔD (trainable, zero-initialised; as many
+atoms as are degrees of freedom, see :func:`effective_atoms`),
 ``atoms_beta`` β and ``atoms_sub`` D1 (overcomplete option), buffers ``atoms_d0`` (the atoms
 D0, saved with the adapter) and ``atoms_coef`` (P = pinv(D0) or the lasso α; not saved).
 """
@@ -41,7 +42,7 @@ def atom_shapes(module: nn.Module, config: AtomConfig, mode: str) -> dict[str, t
     if mode == "filter":
         kh, kw = w.shape[2], w.shape[3]
         kk = kh * kw
-        m = config.num_atoms or kk
+        m = effective_atoms(config.num_atoms or kk, kk, config.coder)
         shapes = {"atoms_delta": (m, kk)}
         if config.num_sub_atoms:
             m1 = config.num_sub_atoms
@@ -57,10 +58,22 @@ def atom_shapes(module: nn.Module, config: AtomConfig, mode: str) -> dict[str, t
     if w.shape[0] % kc or w.shape[1] % kc:
         raise ValueError(f"weight {tuple(w.shape[:2])} is not divisible into {kc}x{kc} blocks")
     kk = kc * kc
-    return {
-        "atoms_delta": (config.num_channel_atoms, kk),
-        "atoms_d0": (config.num_channel_atoms, kk),
-    }
+    m = effective_atoms(config.num_channel_atoms, kk, config.coder)
+    return {"atoms_delta": (m, kk), "atoms_d0": (m, kk)}
+
+
+def effective_atoms(m: int, d: int, coder: str) -> int:
+    """How many atoms a layer gets so that every trainable number is a degree of freedom.
+
+    Linear coder: the update is R0·(P·ΔD) and P = pinv(D0) has rank min(m, d), so atoms
+    beyond a complete basis (m > d) add parameters but no freedom: min(m, d) atoms (a 1×1
+    conv gets one gain, a k_c×k_c channel-atom layer the k_c²×k_c² mix). Lasso coder: α·ΔD
+    with a full-column-rank α keeps all m, except for 1×1 kernels (d = 1), whose scalar atoms
+    are all collinear and get identical codes: one atom.
+    """
+    if coder == "linear":
+        return min(m, d)
+    return 1 if d == 1 else m
 
 
 class AtomLayer(nn.Module):
