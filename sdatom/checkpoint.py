@@ -245,7 +245,8 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(
-            f"--resume latest: {run_dir} holds no checkpoint yet; start the run without --resume"
+            f"--resume latest: {run_dir} holds no checkpoint yet; start the run again with "
+            "--overwrite instead of --resume"
         )
     return found[-1][1]
 

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -44,10 +45,29 @@ ModelOpt = Annotated[
 PresetOpt = Annotated[
     str | None,
     typer.Option(
-        "--preset", help="Atom preset: atoms, atoms-oc, atoms-attn, or a YAML atom config file."
+        "--preset",
+        help="Atom preset: atoms, atoms-paper, atoms-oc, atoms-attn, or a YAML atom config file.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which handles it itself, like Ctrl-C)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; return the previous one (None off the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a test runner's worker thread)
+        return None
 
 
 def command(fn):
@@ -55,16 +75,23 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = _on_sigterm(_raise_terminated)
         try:
             return fn(*args, **kwargs)
+        except _Terminated:  # SIGTERM before or outside the training loop
+            typer.secho("terminated; nothing was saved", fg=typer.colors.RED, err=True)
+            raise typer.Exit(143)
         except KeyboardInterrupt:  # before or outside the training loop: nothing to save
             typer.secho("interrupted; nothing was saved", fg=typer.colors.RED, err=True)
             raise typer.Exit(Interrupted.exit_code)
         except SdatomError as e:
             if os.environ.get("SDATOM_DEBUG"):
                 raise
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            if getattr(e, "report", True):  # one message per multi-process run
+                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(e.exit_code)
+        finally:
+            _on_sigterm(previous)
 
     # A trailing underscore ("eval_") names a command without shadowing a builtin.
     return app.command(name=fn.__name__.rstrip("_"))(wrapper)
@@ -131,6 +158,9 @@ def train(
     prior: Annotated[bool | None, _opt("prior", "--prior/--no-prior")] = None,
     class_dir: Annotated[str | None, _opt("class_dir", "--class-dir")] = None,
     num_class_images: Annotated[int | None, _opt("num_class_images", "--num-class-images")] = None,
+    class_sample_steps: Annotated[
+        int | None, _opt("class_sample_steps", "--class-sample-steps")
+    ] = None,
     prior_loss_weight: Annotated[
         float | None, _opt("prior_loss_weight", "--prior-loss-weight")
     ] = None,
@@ -188,7 +218,13 @@ RunOpt = Annotated[
     typer.Option("--run", "-r", help="Run folder written by `sdatom train` (runs/<name>)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, fp16 (GPU) or bf16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", help="auto (fp16 on CUDA, fp32 on CPU and MPS), fp32, fp16 or bf16."),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar (none is shown in logs either).")
+]
 
 
 @command
@@ -254,7 +290,8 @@ def sample(
         ),
     ] = 1,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
     model_config: Annotated[
         str | None,
         typer.Option("--model-config", help="For a single-file --model: its diffusers configs."),
@@ -294,8 +331,12 @@ def sample(
         dtype=dtype,
         model_config=model_config,
         force=force,
+        progress=not quiet,
     )
-    typer.echo(f"{len(result.images)} images in {result.output_dir}\ngrid: {result.grid}")
+    typer.echo(
+        f"{len(result.images)} images in {result.output_dir} ({result.device}, {result.dtype})"
+        f"\ngrid: {result.grid}"
+    )
 
 
 @command
@@ -316,11 +357,14 @@ def export(
         str, typer.Option("--dtype", help="Saved weights: fp32, fp16 or bf16.")
     ] = "fp32",
     model: ModelOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Export a run's model with the adapter merged in, for tools without sdatom."""
     from sdatom.export import export as run_export
 
-    out = run_export(run, merged=merged, single_file=single_file, dtype=dtype, model=model)
+    out = run_export(
+        run, merged=merged, single_file=single_file, dtype=dtype, model=model, progress=not quiet
+    )
     typer.echo(f"exported: {out}")
 
 
@@ -356,6 +400,7 @@ def eval_(
         ),
     ] = False,
     device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
 ) -> None:
     """Score a run's samples: CLIP-T, CLIP-I, DINO, diversity; writes eval/report.html."""
     from sdatom.eval.metrics import format_table
@@ -372,6 +417,7 @@ def eval_(
         dino_weights=dino_weights,
         random_backbones=random_backbones,
         device=str(resolve_device(device)),
+        progress=not quiet,
     )
     typer.echo(format_table(metrics))
     typer.echo(f"report: {run / 'eval' / 'report.html'}")

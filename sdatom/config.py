@@ -51,7 +51,7 @@ class TrainConfig:
     output: str | None = _opt(None, "Run folder. Default: runs/<subject folder name>.")
     # Method
     method: str = _opt("atoms", "What to tune: atoms, lora (peft baseline) or full (DreamBooth).")
-    preset: str = _opt("atoms-attn", "Atom preset: atoms, atoms-oc, atoms-attn.")
+    preset: str = _opt("atoms-attn", "Atom preset: atoms, atoms-paper, atoms-oc, atoms-attn.")
     atoms: dict | None = _opt(None, "Custom atom config (AtomConfig fields); overrides preset.")
     lora_rank: int = _opt(4, "LoRA rank (method lora).")
     lora_targets: tuple[str, ...] = _opt(
@@ -85,7 +85,11 @@ class TrainConfig:
     noise_offset: float = _opt(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).")
     seed: int = _opt(0, "Random seed (data order, noise, timesteps).")
     # Speed and memory
-    mixed_precision: str = _opt("no", "Mixed precision: no, fp16, bf16.")
+    mixed_precision: str | None = _opt(
+        None,
+        "Mixed precision: no, fp16, bf16. Default: accelerate's own setting (accelerate launch "
+        "--mixed_precision, accelerate config, $ACCELERATE_MIXED_PRECISION), else no.",
+    )
     gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet.")
     cache_latents: bool = _opt(True, "Encode each image with the VAE once.")
     xformers: bool = _opt(False, "xformers attention (CUDA only; else torch SDPA).")
@@ -187,6 +191,8 @@ def _validate(c: TrainConfig) -> None:
         "report_to": REPORT_TO,
     }
     for name, allowed in choices.items():
+        if name == "mixed_precision" and c.mixed_precision is None:
+            continue  # not set: accelerate's own setting applies
         if getattr(c, name) not in allowed:
             raise bad(name, f"must be one of {', '.join(allowed)}")
     if c.resolution is not None and (c.resolution <= 0 or c.resolution % 8):

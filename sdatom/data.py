@@ -519,8 +519,17 @@ def _cache_root() -> Path:
     return cache_dir() / "class_images"
 
 
-def class_image_cache_dir(model_id: str, class_prompt: str, count: int, resolution: int) -> Path:
-    """Folder where the class images for (model, prompt, resolution) are cached.
+def class_image_cache_dir(
+    model_id: str,
+    class_prompt: str,
+    count: int,
+    resolution: int,
+    *,
+    steps: int | None = None,
+    precision: str = "fp32",
+) -> Path:
+    """Folder where the class images for (model, prompt, resolution, denoising ``steps``,
+    ``precision``) are cached.
 
     ``<sdatom cache>/class_images/<hash>`` (``$SDATOM_CACHE``, else
     ``$XDG_CACHE_HOME/sdatom`` or ``~/.cache/sdatom``). ``count`` is
@@ -532,7 +541,14 @@ def class_image_cache_dir(model_id: str, class_prompt: str, count: int, resoluti
     if resolution <= 0:
         raise DataError(f"the class-image resolution must be positive, got {resolution}")
     key = json.dumps(
-        {"v": 1, "model": str(model_id), "prompt": class_prompt, "resolution": int(resolution)},
+        {
+            "v": 2,
+            "model": str(model_id),
+            "prompt": class_prompt,
+            "resolution": int(resolution),
+            "steps": steps,
+            "precision": precision,
+        },
         sort_keys=True,
     )
     return _cache_root() / hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]

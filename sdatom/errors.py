@@ -47,6 +47,14 @@ class TrainingError(SdatomError):
 
 
 class Interrupted(SdatomError):
-    """The user stopped the run (Ctrl-C) after a checkpoint was saved."""
+    """The user stopped the run (Ctrl-C, exit code 130) or the system did (SIGTERM, 143)
+    after a checkpoint was saved. ``report`` is False on the processes of a multi-process run
+    other than the main one: one message per run."""
 
     exit_code = 130
+
+    def __init__(self, message: str, *, terminated: bool = False, report: bool = True) -> None:
+        super().__init__(message)
+        self.report = report
+        if terminated:
+            self.exit_code = 143

@@ -23,6 +23,7 @@ import torch
 
 from sdatom.errors import UsageError
 from sdatom.fileio import atomic_path, atomic_write_text
+from sdatom.progress import progress_bar
 from sdatom.runs import Run, load_run_pipeline, read_run
 
 __all__ = ["export", "export_merged", "export_single_file", "merged_pipeline", "to_ldm_state_dict"]
@@ -90,6 +91,7 @@ def export_merged(
     *,
     dtype: str = "fp32",
     model: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write the run's model, adapter folded in, as a diffusers pipeline folder (safetensors).
 
@@ -100,17 +102,23 @@ def export_merged(
     out = Path(out_dir)
     _prepare_target(out, "--merged")
     torch_dtype = _cast(dtype)
+    bar = progress_bar(2, "export", enabled=progress, unit="step")
+    bar.set_postfix_str("load and merge")
     pipe = merged_pipeline(run, model=model).to(dtype=torch_dtype)
+    bar.update(1)
+    bar.set_postfix_str("write")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        bar.update(1)
         info = _export_info(run, "diffusers", dtype)
         atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
@@ -311,6 +319,7 @@ def export_single_file(
     *,
     dtype: str = "fp32",
     model: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write the run's merged model as one LDM-layout ``.safetensors`` checkpoint (SD-1.x).
 
@@ -325,11 +334,16 @@ def export_single_file(
         raise UsageError(f"--single-file {out}: the file name must end in .safetensors")
     _prepare_target(out, "--single-file")
     torch_dtype = _cast(dtype)
-    state = to_ldm_state_dict(merged_pipeline(run, model=model))
-    tensors = {k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()}
-    meta = {k: str(v) for k, v in _export_info(run, "ldm-single-file", dtype).items()}
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **meta})
+    with progress_bar(2, "export", enabled=progress, unit="step") as bar:
+        bar.set_postfix_str("load and merge")
+        state = to_ldm_state_dict(merged_pipeline(run, model=model))
+        bar.update(1)
+        bar.set_postfix_str("write")
+        tensors = {k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()}
+        meta = {k: str(v) for k, v in _export_info(run, "ldm-single-file", dtype).items()}
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", **meta})
+        bar.update(1)
     return out
 
 
@@ -340,10 +354,11 @@ def export(
     single_file: str | os.PathLike | None = None,
     dtype: str = "fp32",
     model: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """``sdatom export``: exactly one of ``merged`` (a folder) or ``single_file`` (a file)."""
     if (merged is None) == (single_file is None):
         raise UsageError("pass exactly one of --merged OUT_DIR or --single-file OUT.safetensors")
     if merged is not None:
-        return export_merged(run_dir, merged, dtype=dtype, model=model)
-    return export_single_file(run_dir, single_file, dtype=dtype, model=model)
+        return export_merged(run_dir, merged, dtype=dtype, model=model, progress=progress)
+    return export_single_file(run_dir, single_file, dtype=dtype, model=model, progress=progress)

@@ -182,10 +182,18 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
+def auto_dtype(device: torch.device) -> str:
+    """``--dtype auto``: fp16 on CUDA (the usual choice for SD inference), fp32 elsewhere
+    (CPU has no fast fp16; MPS output in fp16 is not reliably correct)."""
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Map ``fp32``/``fp16``/``bf16`` to a torch dtype that works on ``device``."""
+    """Map ``auto``/``fp32``/``fp16``/``bf16`` to a torch dtype that works on ``device``."""
+    if name == "auto":
+        name = auto_dtype(device)
     if name not in DTYPES:
-        raise UsageError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
     if name == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 needs a GPU; on the CPU use --dtype fp32 or bf16")
     return DTYPES[name]

@@ -102,6 +102,8 @@ class SampleResult:
     output_dir: Path
     grid: Path
     images: list[Path]
+    device: str = "cpu"
+    dtype: str = "fp32"  # what ``--dtype auto`` chose, or the dtype asked for
 
 
 # ----------------------------------------------------------------------------- generation
@@ -175,6 +177,7 @@ def sample(
     output_dir: str | os.PathLike,
     options: SampleOptions | None = None,
     settings: dict[str, Any] | None = None,
+    progress: bool = True,
     **option_values: Any,
 ) -> list[Path]:
     """Generate ``n`` images per prompt into ``output_dir``; return the image paths.
@@ -188,6 +191,8 @@ def sample(
     if not prompts:
         raise UsageError("no prompts: pass --prompt, --prompts-file or --protocol")
     o = options or SampleOptions(**option_values)
+    from sdatom.progress import progress_bar
+
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; pass a folder")
@@ -206,6 +211,7 @@ def sample(
     entries: list[dict[str, Any]] = []
     paths: list[Path] = []
     cells: list[Image.Image] = []
+    bar = progress_bar(len(prompts) * o.n, "sample", enabled=progress, unit="img")
     for s in generate(pipe, prompts, o):
         image = _to_pil(s.image)
         name = f"p{s.prompt_index:03d}-i{s.image_index:02d}.png"
@@ -221,6 +227,8 @@ def sample(
         paths.append(out / name)
         image.thumbnail((GRID_CELL, GRID_CELL))
         cells.append(image)
+        bar.update(1)
+    bar.close()
     if info["height"] is None or info["width"] is None:
         with Image.open(paths[0]) as first:
             info["width"], info["height"] = first.size
@@ -344,9 +352,10 @@ def run_sampling(
     merge: bool = True,
     base: bool = False,
     device: str | None = "auto",
-    dtype: str = "fp32",
+    dtype: str = "auto",
     model_config: str | None = None,
     force: bool = False,
+    progress: bool = True,
     **option_values: Any,
 ) -> SampleResult:
     """``sdatom sample``: load a run's adapted model (or a plain ``model``) and sample it.
@@ -357,7 +366,7 @@ def run_sampling(
     ``<run>/samples/<timestamp>`` or ``samples/<timestamp>``. ``options`` (or its fields as
     keywords) as for :func:`generate`, checked before any model is loaded.
     """
-    from sdatom.models import default_model, load_pipeline
+    from sdatom.models import auto_dtype, default_model, load_pipeline, resolve_device
     from sdatom.runs import load_run_pipeline, read_run
 
     if run is None and base:
@@ -365,6 +374,9 @@ def run_sampling(
     o = options or SampleOptions(**option_values)
     the_run = read_run(run) if run is not None else None
     prompt_list = resolve_prompts(prompts, prompts_file, protocol, the_run)
+    torch_device = resolve_device(device)
+    device = str(torch_device)
+    dtype = auto_dtype(torch_device) if dtype == "auto" else dtype
     if the_run is None or base:
         spec = model or (the_run.model if the_run is not None else None) or default_model()
         pipe = load_pipeline(spec, dtype=dtype, device=device, config=model_config)
@@ -382,6 +394,14 @@ def run_sampling(
         )
         adapter = str(the_run.adapter)
     out = Path(output) if output is not None else _default_output(the_run, base)
-    settings = {"model": spec, "adapter": adapter, "method": the_run.method if adapter else None}
-    images = sample(pipe, prompt_list, output_dir=out, options=o, settings=settings)
-    return SampleResult(output_dir=out, grid=out / GRID, images=images)
+    settings = {
+        "model": spec,
+        "adapter": adapter,
+        "method": the_run.method if adapter else None,
+        "device": device,
+        "dtype": dtype,
+    }
+    images = sample(
+        pipe, prompt_list, output_dir=out, options=o, settings=settings, progress=progress
+    )
+    return SampleResult(output_dir=out, grid=out / GRID, images=images, device=device, dtype=dtype)

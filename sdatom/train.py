@@ -33,7 +33,7 @@ from sdatom.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from sdatom.config import DEFAULT_LR, TrainConfig, dump_config
+from sdatom.config import DEFAULT_LR, MIXED_PRECISION, TrainConfig, dump_config
 from sdatom.errors import CheckpointError, ConfigError, Interrupted, TrainingError, UsageError
 from sdatom.fileio import atomic_path, atomic_write_text
 
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "train_summary.json"
 # Config fields that may differ between a run and its resumption (they change no result).
+# Schedules whose learning rate at a step does not depend on the total number of steps.
+STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 RESUMABLE_CHANGES = {
     "steps",
     "checkpoint_every",
@@ -104,8 +106,14 @@ def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> Run
     finished = (output / SUMMARY_FILE).is_file()
     started = (output / "config.yaml").is_file()
     if resume is None and (finished or started) and not overwrite:
-        what = "a finished run" if finished else "an unfinished run"
-        hint = "" if finished else " or --resume latest to continue it"
+        from sdatom.checkpoint import list_checkpoints
+
+        if finished:
+            what, hint = "a finished run", ""
+        elif list_checkpoints(output):
+            what, hint = "an unfinished run", " or --resume latest to continue it"
+        else:  # stopped before its first checkpoint: nothing to resume
+            what, hint = "an unfinished run with no checkpoint", " (that starts it again)"
         raise UsageError(
             f"--output {output} already holds {what}: pass --overwrite to replace it{hint}"
         )
@@ -136,14 +144,18 @@ def add_adapter(unet: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Par
     if config.method == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=list(config.lora_targets),
+        # peft draws the gaussian init from the global RNG: --seed makes it reproducible,
+        # without disturbing the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            unet.add_adapter(
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora_targets),
+                )
             )
-        )
         return [p for p in unet.parameters() if p.requires_grad]
     unet.requires_grad_(True)
     return list(unet.parameters())
@@ -209,13 +221,26 @@ def save_adapter(unet: torch.nn.Module, plan: RunPlan, pipe: Any) -> Path:
 # ----------------------------------------------------------------------------- the data
 
 
-def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | None:
+def class_image_precision(accelerator: Any) -> str:
+    """The precision class images are generated in: the training precision on GPUs (fast, and
+    the images the model is later regularised towards), fp32 on the CPU."""
+    if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("fp16", "bf16"):
+        return accelerator.mixed_precision
+    return "fp32"
+
+
+def class_images(
+    plan: RunPlan, pipe: Any, accelerator: Any, progress: bool = True
+) -> list[Path] | None:
     """Class images for prior preservation: the user's folder, or generated once and cached.
 
     Generation is split across processes (image i on process i % N), so no process waits on
     another for long; each image is written atomically, so a killed run never leaves a
-    half-written image that later counts.
+    half-written image that later counts. The cache key holds the model, prompt, resolution,
+    denoising steps and precision.
     """
+    import contextlib
+
     from sdatom.data import (
         class_image_cache_dir,
         class_image_path,
@@ -223,6 +248,7 @@ def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | Non
         find_images,
         list_cached_class_images,
     )
+    from sdatom.progress import progress_bar
 
     c = plan.config
     if not c.prior:
@@ -230,26 +256,44 @@ def class_images(plan: RunPlan, pipe: Any, accelerator: Any) -> list[Path] | Non
     if c.class_dir:
         return find_images(c.class_dir)[: c.num_class_images]
     prompt = class_prompt(c.class_name)
-    folder = class_image_cache_dir(c.model, prompt, c.num_class_images, c.resolution)
+    precision = class_image_precision(accelerator)
+    folder = class_image_cache_dir(
+        c.model,
+        prompt,
+        c.num_class_images,
+        c.resolution,
+        steps=c.class_sample_steps,
+        precision=precision,
+    )
     cached = list_cached_class_images(folder, c.num_class_images)
     if cached is not None:
         return cached
     folder.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     logger.info("generating %d class images for %r", c.num_class_images, prompt)
-    for i in range(rank, c.num_class_images, world):
+    mine = [i for i in range(rank, c.num_class_images, world)]
+    bar = progress_bar(
+        len(mine),
+        "class images",
+        enabled=progress and accelerator.is_local_main_process,
+        unit="img",
+    )
+    autocast = accelerator.autocast() if precision != "fp32" else contextlib.nullcontext()
+    for i in mine:
         path = class_image_path(folder, i)
-        if path.is_file():
-            continue
-        image = pipe(
-            prompt,
-            num_inference_steps=c.class_sample_steps,
-            height=c.resolution,
-            width=c.resolution,
-            generator=torch.Generator(device="cpu").manual_seed(i),
-        ).images[0]
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
+        if not path.is_file():
+            with autocast:
+                image = pipe(
+                    prompt,
+                    num_inference_steps=c.class_sample_steps,
+                    height=c.resolution,
+                    width=c.resolution,
+                    generator=torch.Generator(device="cpu").manual_seed(i),
+                ).images[0]
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+        bar.update(1)
+    bar.close()
     accelerator.wait_for_everyone()
     return list_cached_class_images(folder, c.num_class_images)
 
@@ -393,31 +437,44 @@ class TrainResult:
 
 
 class _Interrupt:
-    """Turns the first Ctrl-C into a flag checked between steps (save, then exit cleanly)."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag checked between steps (save,
+    then exit cleanly). SIGTERM is what SLURM, Kubernetes and ``timeout`` send before a kill.
+
+    A second signal stops at once, except under a launcher (torchrun forwards the signal it
+    got to every worker, so one Ctrl-C may arrive twice): there the flag is all that counts.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.terminated = False  # the first signal was SIGTERM
+        self._previous: dict[int, Any] = {}
+        self._launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler
+                pass
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if self.requested:
+            if self._launched:
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.requested = True
+        self.terminated = signum == signal.SIGTERM
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def make_accelerator(config: TrainConfig, output: Path):
-    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
@@ -435,7 +492,13 @@ def make_accelerator(config: TrainConfig, output: Path):
             project_dir=str(output), logging_dir=str(output / "logs")
         ),
         cpu=cpu,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout)),
+            # The UNet's buffers never change (no batch norm; the atoms' D0 and coefficient
+            # buffers are frozen, ~3.9 GB with the lasso coder on SD-1.5): DDP's default would
+            # re-broadcast all of them every step.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
     )
 
 
@@ -471,6 +534,15 @@ def train(
     accelerator = make_accelerator(plan.config, plan.output)
     # Every process has checked the output folder (plan_run) before any process writes to it.
     accelerator.wait_for_everyone()
+    # Not set: accelerate's own setting (launch flag, config file, environment) applied;
+    # config.yaml records the precision actually used.
+    used = accelerator.mixed_precision
+    if used not in MIXED_PRECISION:
+        raise ConfigError(
+            f"mixed precision {used!r} (from accelerate's settings) is not supported: "
+            f"use one of {', '.join(MIXED_PRECISION)}"
+        )
+    plan = replace(plan, config=plan.config.replace(mixed_precision=used))
     pipe = load_pipeline(
         plan.config.model, dtype="fp32", device=accelerator.device, config=plan.config.model_config
     )
@@ -494,7 +566,7 @@ def train(
         enable_xformers(pipe, accelerator.device)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    images = class_images(plan, pipe, accelerator)
+    images = class_images(plan, pipe, accelerator, progress_bar)
     unet = pipe.unet
     params = add_adapter(unet, c)
     if c.method != "full" and weight_dtype != torch.float32:
@@ -623,9 +695,12 @@ def train(
                             plan, accelerator, unet, optimizer, lr_scheduler, here
                         )
                         if interrupted:
+                            what = "terminated (SIGTERM)" if status["terminated"] else "interrupted"
                             raise Interrupted(
-                                f"interrupted at step {step}; checkpoint saved in {path}. Continue "
-                                f"with the same command plus --resume latest"
+                                f"{what} at step {step}; checkpoint saved in {path}. Continue "
+                                f"with the same command plus --resume latest",
+                                terminated=status["terminated"],
+                                report=accelerator.is_main_process,
                             )
                     if step >= c.steps:
                         break
@@ -650,6 +725,7 @@ def train(
             "class_name": c.class_name,
             "subject": str(c.subject),
             "processes": accelerator.num_processes,
+            "mixed_precision": c.mixed_precision,
             "sdatom_version": __version__,
         }
         atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))
@@ -694,13 +770,22 @@ def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step,
 
 
 def _check_status(loss: torch.Tensor, interrupt: _Interrupt, accelerator) -> dict[str, bool]:
-    """One collective per step: did any process see a non-finite loss or a Ctrl-C?"""
+    """One collective per step: did any process see a non-finite loss, a Ctrl-C or a SIGTERM?
+    Every process then stops at the same step."""
     flags = torch.tensor(
-        [float(not torch.isfinite(loss.detach()).item()), float(interrupt.requested)],
+        [
+            float(not torch.isfinite(loss.detach()).item()),
+            float(interrupt.requested),
+            float(interrupt.terminated),
+        ],
         device=accelerator.device,
     )
     flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
-    return {"nonfinite": bool(flags[0] > 0), "interrupted": bool(flags[1] > 0)}
+    return {
+        "nonfinite": bool(flags[0] > 0),
+        "interrupted": bool(flags[1] > 0),
+        "terminated": bool(flags[2] > 0),
+    }
 
 
 def _stop_on_nonfinite(plan: RunPlan, step: int) -> None:
@@ -753,6 +838,14 @@ def _find_resume(plan: RunPlan, resume: str | None):
         raise CheckpointError(
             f"--resume {path}: the checkpoint was made with different {', '.join(differs)}; "
             "resume with the options of the original run"
+        )
+    c = plan.config
+    if saved.steps != c.steps and c.lr_scheduler not in STEP_FREE_SCHEDULES:
+        # The schedule's shape depends on the total: a new total would make the LR jump.
+        raise CheckpointError(
+            f"--resume {path}: --steps {c.steps} differs from the run's {saved.steps}, and the "
+            f"{c.lr_scheduler!r} schedule depends on the total, so its learning rate would jump; "
+            f"resume with --steps {saved.steps} (only constant schedules can change --steps)"
         )
     return checkpoint
 

@@ -60,7 +60,9 @@ def test_from_yaml(tmp_path):
 
 
 def test_presets_and_resolution():
-    assert set(PRESETS) == {"atoms", "atoms-oc", "atoms-attn"}
+    assert set(PRESETS) == {"atoms", "atoms-paper", "atoms-oc", "atoms-attn"}
+    paper = PRESETS["atoms-paper"]  # the paper's exact setting
+    assert (paper.coder, paper.num_atoms, paper.lasso_lambda) == ("lasso", 9, 1e-3)
     assert preset("atoms-oc").num_sub_atoms == 3
     assert resolve_config(None) == PRESETS["atoms"]
     assert resolve_config({"num_atoms": 4}).num_atoms == 4

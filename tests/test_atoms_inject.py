@@ -192,21 +192,25 @@ def test_presets_keep_the_tiny_unet_output_at_step_0(tiny_unet, preset):
 
 def test_sd15_trainable_counts_on_meta(sd15_meta):
     assert sum(p.numel() for p in sd15_meta.parameters()) == 859_520_964
+    # Every trainable number is a degree of freedom (issue 10): 52 3×3 convs get the 9×9 tap
+    # mix, 46 1×1 convs one gain each (9 scalar atoms used to act as one: 4,626 before).
     atoms = count_trainable(sd15_meta, "atoms")
-    assert atoms["trainable_params"] == 4_626
+    assert atoms["trainable_params"] == 52 * 81 + 46 * 1 == 4_258
     assert len(atoms["layers"]) == 98
+    # The paper's setting (lasso, m = 9): the same count, all free (α has full column rank).
+    assert count_trainable(sd15_meta, "atoms-paper")["trainable_params"] == 4_258
+    # + the 16×16 block mix of 128 attention projections (64 atoms × 16 used to: 1,024 each)
     attn = count_trainable(sd15_meta, "atoms-attn")
-    assert attn["trainable_params"] == 4_626 + 131_072 == 135_698
-    # DESIGN's 2,787,426 counts β and D1 only; with the 4,626 ΔD the preset trains 2,792,052
+    assert attn["trainable_params"] == 4_258 + 128 * 256 == 37_026
     oc = count_trainable(sd15_meta, "atoms-oc")
-    assert oc["trainable_params"] == 4_626 + 2_787_426 == 2_792_052
+    assert oc["trainable_params"] == 1_661_620
     assert attn["fp16_bytes"] * 2 == attn["fp32_bytes"]
-    assert sum(g["trainable"] for g in attn["groups"].values()) == 135_698
+    assert sum(g["trainable"] for g in attn["groups"].values()) == 37_026
     assert "down_blocks.0" in attn["groups"]
 
 
 def test_add_atoms_works_on_a_meta_model(sd15_meta):
     unet = copy.deepcopy(sd15_meta)
     add_atoms(unet, "atoms-attn")
-    assert sum(p.numel() for p in trainable_parameters(unet)) == 135_698
+    assert sum(p.numel() for p in trainable_parameters(unet)) == 37_026
     assert isinstance(unet.conv_in, AtomConv2d)

@@ -74,7 +74,7 @@ def test_file_holds_only_atoms_and_metadata(tmp_path):
     net = _trained()
     path = save_atoms(net, tmp_path / "a.safetensors", metadata={"subject": "dog"})
     meta = read_atoms_metadata(path)
-    assert meta["format"] == "sdatom-atoms" and meta["format_version"] == "1"
+    assert meta["format"] == "sdatom-atoms" and meta["format_version"] == "2"
     assert meta["sdatom_version"] == sdatom.__version__ and meta["subject"] == "dog"
     assert AtomConfig.from_dict(meta["config"]) == CFG
     assert meta["layers"]["0"]["weight_shape"] == [8, 3, 3, 3]
@@ -176,3 +176,66 @@ def test_fingerprint_probe_stays_inside_large_weights():
     weight.view(-1)[-1] = 7.0
     probe = _probe(weight)
     assert len(probe) == 64 and probe[-1] == 7.0
+
+
+def _format_1_file(path, net, cfg, old_atoms):
+    """An adapter written by sdatom 0.1 (format 1): ``old_atoms`` per layer (9 scalar atoms on
+    the 1×1 conv, 64 channel atoms), random ΔD; returns the update M = pinv(D0)·ΔD per layer
+    that those files applied to the weights."""
+    from safetensors import safe_open
+
+    from sdatom.atoms.decompose import linear_atoms, projector
+
+    model = copy.deepcopy(net)
+    add_atoms(model, cfg)
+    save_atoms(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layers, mixes = json.loads(meta["layers"]), {}
+    gen = torch.Generator().manual_seed(3)
+    for name, layer in sdatom.atoms.inject.atom_layers(model).items():
+        d = layer.atoms_d0.shape[1]
+        rows = layer._rows_of(layer.base_layer.weight.detach())
+        d0 = linear_atoms(rows, old_atoms[name])  # the old layout: the basis repeated
+        delta = torch.randn(old_atoms[name], d, generator=gen) * 0.1
+        tensors[f"{name}.atoms_d0"], tensors[f"{name}.atoms_delta"] = d0, delta
+        layers[name]["tensors"] = {"atoms_d0": list(d0.shape), "atoms_delta": list(delta.shape)}
+        mixes[name] = projector(d0) @ delta
+    meta["format_version"], meta["layers"] = "1", json.dumps(layers)
+    save_file(tensors, str(path), metadata=meta)
+    return mixes
+
+
+def test_format_1_linear_adapters_load_with_the_same_effect(tmp_path):
+    net = _net()
+    cfg = AtomConfig(channel_modules=["4"])
+    path = tmp_path / "old.safetensors"
+    mixes = _format_1_file(path, net, cfg, {"0": 9, "2": 9, "4": 64})
+    fresh = copy.deepcopy(net)
+    load_atoms(fresh, path)
+    from sdatom.atoms.decompose import channel_rows, channel_unrows
+
+    for name, mix in mixes.items():
+        layer = fresh.get_submodule(name)
+        w0 = layer.base_layer.weight.detach()
+        if name == "4":  # channel atoms: each 4×4 block times the 16×16 mix
+            expected = channel_unrows(channel_rows(w0, 4) @ mix, w0.shape, 4)
+        else:  # filter atoms: the taps of every filter times the mix
+            expected = (w0.reshape(-1, mix.shape[0]) @ mix).reshape(w0.shape)
+        got = layer.get_delta_weight().detach()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert fresh.get_submodule("2").atoms_delta.shape == (1, 1)  # now one gain
+    assert fresh.get_submodule("4").atoms_delta.shape == (16, 16)
+
+
+def test_format_1_layers_that_cannot_be_converted_are_refused_in_one_line(tmp_path):
+    net = _net()
+    cfg = AtomConfig(coder="lasso", dict_iters=1, lasso_iters=10)
+    path = tmp_path / "old-lasso.safetensors"
+    _format_1_file(path, net, cfg, {"0": 9, "2": 9})
+    with pytest.raises(AdapterError) as e:
+        load_atoms(copy.deepcopy(net), path, cache_dir=tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and "format 1" in message and "'2'" in message
+    assert "sdatom export --merged" in message

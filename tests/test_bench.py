@@ -44,3 +44,30 @@ def test_bench_train_smoke_prints_one_json_object_with_the_ratios():
     assert set(out["unet"]) >= {"frozen", "atoms", "lora-conv", "lora-attn", "full"}
     assert out["unet"]["atoms"]["trainable"] > 0 and out["unet"]["frozen"]["trainable"] == 0
     assert out["machine"]["threads"] == 1
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke_runs_every_check_on_the_cpu():
+    """The GPU script is prepared without a GPU: its --smoke mode (tiny model, CPU, bf16
+    autocast) runs every check so that the real run cannot fail on a typo."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    checks = {r["check"] for r in rows}
+    assert checks == {"step", "grad1x1", "sample", "e2e"}
+    steps = {r["method"] for r in rows if r["check"] == "step"}
+    assert steps == {"frozen", "atoms", "atoms-attn", "lora"}
+    grad = next(r for r in rows if r["check"] == "grad1x1")
+    assert grad["finite"] and grad["rel_error"] < 2 * grad["eps"]
+    held = {r["state"]: r["held_bytes"] for r in rows if r["check"] == "sample"}
+    assert held["merged"] == held["unmerged"] < held["merged-reversible"]
+    e2e = next(r for r in rows if r["check"] == "e2e")
+    assert e2e["returncode"] == 0 and e2e["mixed_precision"] == "no", e2e

@@ -48,7 +48,7 @@ def test_bad_model_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize(("preset", "trainable"), [("atoms", 4626), ("atoms-attn", 135698)])
+@pytest.mark.parametrize(("preset", "trainable"), [("atoms", 4258), ("atoms-attn", 37026)])
 def test_inspect_preset_trainable_counts_on_sd15(preset, trainable):
     result = runner.invoke(app, ["inspect", "--model", "random:sd15", "--preset", preset, "--json"])
     assert result.exit_code == 0, result.output

@@ -591,6 +591,12 @@ def test_class_image_cache_dir_is_stable_and_keyed(tmp_path, monkeypatch):
     assert a != class_image_cache_dir("runwayml/sd15", "a photo of cat", 100, 512)
     assert a != class_image_cache_dir("runwayml/sd15", "a photo of dog", 100, 768)
     assert a != class_image_cache_dir("other/model", "a photo of dog", 100, 512)
+    # images made with other denoising steps or precision are other images
+    steps30 = class_image_cache_dir("runwayml/sd15", "a photo of dog", 100, 512, steps=30)
+    assert steps30 != class_image_cache_dir("runwayml/sd15", "a photo of dog", 100, 512, steps=4)
+    assert steps30 != class_image_cache_dir(
+        "runwayml/sd15", "a photo of dog", 100, 512, steps=30, precision="fp16"
+    )
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     home = class_image_cache_dir("runwayml/sd15", "a photo of dog", 100, 512)

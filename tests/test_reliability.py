@@ -282,6 +282,66 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(subject, refere
     _assert_same_adapter(run / "adapter.safetensors", reference)
 
 
+def test_sigterm_is_handled_like_ctrl_c_and_exits_143(subject, tmp_path):
+    run = tmp_path / "run"
+    proc = _start_slow_train(tmp_path, _args(subject, run))
+    _wait_for_checkpoint(proc, run)
+    proc.send_signal(signal.SIGTERM)  # what SLURM, Kubernetes and `timeout` send
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    errors = _errors(stderr)
+    assert len(errors) == 1 and "terminated (SIGTERM)" in errors[0], stderr
+    assert "--resume latest" in errors[0]
+    saved = Path(re.search(r"checkpoint saved in (\S+?)\. ", errors[0]).group(1))
+    assert saved == latest_checkpoint(run)
+    assert not (run / "adapter.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_under_a_two_process_launch_saves_one_checkpoint(subject, tmp_path):
+    """torchrun forwards the launcher's SIGINT to every worker: one checkpoint, one message,
+    every process gone."""
+    run = tmp_path / "run"
+    script = tmp_path / "slow_sdatom.py"
+    script.write_text(_SLOW_CLI.format(delay=0.4))
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           *_args(subject, run, "--steps", "200", "--keep-checkpoints", "100")]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    _wait_for_checkpoint(proc, run, timeout=240)
+    before = {step for step, _ in list_checkpoints(run)}
+    proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal reaches the launcher
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    new = {step for step, _ in list_checkpoints(run)} - before
+    assert len(new) == 1, (sorted(before), sorted(new), stderr[-3000:])
+    errors = [e for e in _errors(stderr) if "interrupted at step" in e]
+    assert len(errors) == 1, stderr[-3000:]
+    assert f"step {new.pop()}" in errors[0]
+    assert not (run / "adapter.safetensors").exists()
+    time.sleep(1.0)
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(script) in cmdline.read_bytes().decode(errors="replace"):
+                left.append(cmdline.parent.name)
+        except OSError:
+            continue
+    assert not left, f"workers still running: {left}"
+
+
 # ----------------------------------------------------------------------------- NaN loss
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_runs import make_atoms_run, make_lora_run
 
@@ -222,3 +226,40 @@ def test_cli_sample_end_to_end(atoms_run, tmp_path):
     assert (tmp_path / "o" / "p000-i00.png").is_file()
     result = CliRunner().invoke(app, ["sample", "--run", str(atoms_run)])
     assert result.exit_code == 2 and "no prompts" in result.output
+
+
+def test_dtype_auto_is_fp16_on_cuda_fp32_elsewhere_and_is_reported(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from sdatom.cli import app
+    from sdatom.models import auto_dtype, resolve_dtype
+
+    assert auto_dtype(torch.device("cuda")) == "fp16"
+    assert auto_dtype(torch.device("cpu")) == auto_dtype(torch.device("mps")) == "fp32"
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    out = tmp_path / "s"
+    args = ["sample", "--model", str(tiny_dir), "-p", "a dog", "-n", "1", "--steps", "2",
+            "--height", "32", "--width", "32", "--device", "cpu", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "(cpu, fp32)" in result.output  # says what --dtype auto chose
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert (settings["device"], settings["dtype"]) == ("cpu", "fp32")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize(("tty", "progress", "shown"), [(True, True, True),
+                         (True, False, False), (False, True, False)])  # fmt: skip
+def test_sampling_shows_a_progress_bar_on_a_terminal_only(
+    tiny_pipe, tmp_path, monkeypatch, tty, progress, shown
+):
+    err = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    sample(tiny_pipe, ["a", "b"], output_dir=tmp_path, n=2, progress=progress, **FAST)
+    assert ("sample:" in err.getvalue() and "/4 [" in err.getvalue()) == shown, err.getvalue()
+    if shown:  # images done / total, the rate and the ETA
+        assert re.search(r"\d/4 \[\d\d:\d\d<\d\d:\d\d", err.getvalue()), err.getvalue()

@@ -169,7 +169,9 @@ def test_only_atoms_change_and_base_weights_stay_bit_identical(tmp_path, tiny_di
         assert len(match) == 1, key
         assert torch.equal(trained[match[0]], value), key
     atoms = _tensors(result.adapter)
-    assert any(v.abs().sum() > 0 for k, v in atoms.items() if "delta" in k or "atoms_" in k)
+    trained = {k: v for k, v in atoms.items() if not k.endswith(".atoms_d0")}  # D0 is frozen
+    assert trained and all(k.endswith(".atoms_delta") for k in trained)
+    assert any(v.abs().max() > 0 for v in trained.values())  # zero-initialised, then trained
 
 
 def test_resume_finishes_with_the_same_adapter(tmp_path):
@@ -202,6 +204,54 @@ def test_resume_refuses_a_changed_config(tmp_path):
     (tmp_path / "run" / "train_summary.json").unlink()
     with pytest.raises(CheckpointError, match="different lr"):
         train(_config(tmp_path, steps=2, checkpoint_every=1, lr=0.5), resume="latest")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_gets_advice_that_works(tmp_path):
+    from sdatom.errors import UsageError
+
+    train(_config(tmp_path, steps=1), progress_bar=False)
+    run = tmp_path / "run"
+    for name in ("train_summary.json", "adapter.safetensors"):  # "killed" before the end
+        (run / name).unlink()
+    with pytest.raises(UsageError) as again:
+        train(_config(tmp_path, steps=1), progress_bar=False)
+    assert "--overwrite" in str(again.value) and "--resume" not in str(again.value)
+    with pytest.raises(CheckpointError) as resumed:
+        train(_config(tmp_path, steps=1), resume="latest", progress_bar=False)
+    assert "--overwrite" in str(resumed.value)
+    assert train(_config(tmp_path, steps=1), overwrite=True, progress_bar=False).steps == 1
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_resume_refuses_new_steps_with_a_schedule_that_depends_on_them(tmp_path, schedule):
+    train(_config(tmp_path, steps=2, checkpoint_every=1, lr_scheduler=schedule), progress_bar=False)
+    (tmp_path / "run" / "train_summary.json").unlink()
+    cfg = _config(tmp_path, steps=4, checkpoint_every=1, lr_scheduler=schedule)
+    with pytest.raises(CheckpointError, match="--steps 4 differs from the run's 2"):
+        train(cfg, resume="latest", progress_bar=False)
+
+
+def test_resume_may_change_steps_with_a_constant_schedule(tmp_path):
+    train(_config(tmp_path, steps=2, checkpoint_every=1), progress_bar=False)
+    (tmp_path / "run" / "train_summary.json").unlink()
+    result = train(_config(tmp_path, steps=3, checkpoint_every=1), resume="latest")
+    assert result.steps == 3
+
+
+def test_seed_seeds_the_lora_initialisation(tiny_dir):
+    from sdatom.models import load_pipeline
+    from sdatom.train import add_adapter
+
+    def lora_init(seed, global_seed):
+        unet = load_pipeline(str(tiny_dir)).unet
+        torch.manual_seed(global_seed)  # a fresh process starts its global RNG at random
+        add_adapter(unet, TrainConfig(subject="x", class_name="y", method="lora", seed=seed))
+        return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
+
+    a, b, c = lora_init(0, 11), lora_init(0, 22), lora_init(1, 11)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_checkpoints_rotate_to_keep_the_newest(tmp_path):
@@ -287,16 +337,59 @@ def test_bf16_mixed_precision_keeps_atoms_in_fp32(tmp_path):
     assert result.unet.conv_in.base_layer.weight.dtype == torch.bfloat16
 
 
+def test_mixed_precision_not_set_follows_accelerate_and_is_recorded(tmp_path, monkeypatch):
+    # What `accelerate launch --mixed_precision bf16` or a saved `accelerate config` sets.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert TrainConfig().mixed_precision is None
+    result = train(_config(tmp_path, "env", steps=1), progress_bar=False)
+    assert result.unet.conv_in.base_layer.weight.dtype == torch.bfloat16
+    assert load_config(tmp_path / "env" / "config.yaml").mixed_precision == "bf16"
+    assert result.summary["mixed_precision"] == "bf16"
+    # --mixed-precision, when given, still wins over accelerate's setting.
+    result = train(_config(tmp_path, "flag", steps=1, mixed_precision="no"), progress_bar=False)
+    assert result.unet.conv_in.base_layer.weight.dtype == torch.float32
+    assert load_config(tmp_path / "flag" / "config.yaml").mixed_precision == "no"
+    assert result.summary["mixed_precision"] == "no"
+
+
+def test_class_images_use_the_training_precision_on_gpus():
+    from types import SimpleNamespace
+
+    from sdatom.train import class_image_precision
+
+    def acc(device, mp):
+        return SimpleNamespace(device=torch.device(device), mixed_precision=mp)
+
+    assert class_image_precision(acc("cuda", "fp16")) == "fp16"
+    assert class_image_precision(acc("cuda", "bf16")) == "bf16"
+    assert class_image_precision(acc("cuda", "no")) == "fp32"
+    assert class_image_precision(acc("cpu", "bf16")) == "fp32"
+
+
 def _two_process_worker(cfg_dict):
-    from accelerate import PartialState
+    from accelerate import Accelerator, PartialState
     from safetensors.torch import save_file
 
     from sdatom.atoms import atom_state_dict
     from sdatom.config import TrainConfig
 
     PartialState._reset_state()  # forked from a process that already ran single-process runs
-    result = train(TrainConfig.from_dict(cfg_dict), progress_bar=False)
+    prepared = []
+    original = Accelerator.prepare_model
+
+    def prepare_model(self, model, *args, **kwargs):  # records how DDP wrapped the UNet
+        wrapped = original(self, model, *args, **kwargs)
+        prepared.append(getattr(wrapped, "broadcast_buffers", None))
+        return wrapped
+
+    Accelerator.prepare_model = prepare_model
+    try:
+        result = train(TrainConfig.from_dict(cfg_dict), progress_bar=False)
+    finally:
+        Accelerator.prepare_model = original
     rank = PartialState().process_index
+    with open(os.path.join(cfg_dict["output"], f"ddp{rank}.json"), "w") as f:
+        json.dump(prepared, f)
     state = {k: v.contiguous() for k, v in atom_state_dict(result.unet).items()}
     save_file(state, os.path.join(cfg_dict["output"], f"rank{rank}.safetensors"))
 
@@ -311,6 +404,9 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     rank0 = _tensors(tmp_path / "two" / "rank0.safetensors")
     rank1 = _tensors(tmp_path / "two" / "rank1.safetensors")
     _assert_same_tensors(rank0, rank1, atol=0)
+    # DDP wrapped the UNet without re-broadcasting its (frozen) buffers every step.
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "two" / f"ddp{rank}.json").read_text()) == [False]
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
     assert summary["processes"] == 2
     _assert_same_tensors(
@@ -326,7 +422,7 @@ def test_real_sd15_architecture_trains_two_steps(tmp_path):
         _config(tmp_path, model="random:sd15", resolution=64, steps=2, preset="atoms-attn"),
         progress_bar=False,
     )
-    assert result.trainable_params == 135_698
+    assert result.trainable_params == 37_026  # = the Jacobian rank (test_atoms_dof.py)
     assert result.adapter.is_file()
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from sdatom.atoms.devices import supports_float64
 from sdatom.atoms.functional import PathOverride, _compute_dtype, atom_linear, channel_delta
 
 PATHS = ("generic", "fused")
@@ -74,6 +75,8 @@ def _swap_blocks(
     for size, word in _WORDS.items():
         if size <= es:
             break  # no word wider than the element itself
+        if word == torch.complex128 and not supports_float64(t.device):
+            continue  # MPS has no complex128: move the run as narrower words
         if k * es % size == 0 and t.storage_offset() * es % size == 0:
             out.view(word).copy_(t.view(word).transpose(1, 2))
             return out

@@ -29,7 +29,8 @@ class AtomConfig:
             ``"lasso"``: the paper's dictionary learning + FISTA sparse coding; the
             coefficients are a frozen buffer cached on disk.
         num_atoms: m, atoms per conv layer (k×k atoms for k×k convs, scalars for 1×1 convs).
-            ``None`` means a complete basis (m = k²).
+            ``None`` means a complete basis (m = k²). A layer gets only as many as are degrees
+            of freedom (linear coder: at most k²; 1×1 convs: one), see ``effective_atoms``.
         num_sub_atoms: m1, overcomplete sub-atoms per atom slot, rebuilt per input channel
             (0 = off).
         target_modules: conv layers that get filter atoms. A string is a regex that must
@@ -39,7 +40,8 @@ class AtomConfig:
             ``None`` = none).
         exclude_modules: names never adapted (checked first, same pattern rules).
         channel_block: k_c, side of the weight blocks that channel atoms act on.
-        num_channel_atoms: m_c, channel atoms (k_c×k_c each) per layer.
+        num_channel_atoms: m_c, channel atoms (k_c×k_c each) per layer (linear coder: at most
+            k_c², the k_c²×k_c² block mix).
         lasso_lambda: L1 weight of the lasso coder (paper: 1e-3).
         lasso_iters: FISTA iterations of the final sparse-coding solve.
         dict_iters: dictionary-learning rounds of the lasso coder.
@@ -143,11 +145,15 @@ def _normalise_patterns(name: str, value: Any) -> Patterns:
 ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
 
 PRESETS: dict[str, AtomConfig] = {
-    # Every Conv2d, m = 9: 81 trainable per 3×3 conv, 9 scalars per 1×1 conv.
+    # Every Conv2d, linear coder, m = 9: the 9×9 tap mix of each 3×3 conv (81), one gain per
+    # 1×1 conv (its 9 scalar atoms would act as one).
     "atoms": AtomConfig(),
+    # The paper's exact setting: the lasso coder (dictionary learning + sparse codes, λ = 1e-3)
+    # with m = 9 atoms per 3×3 conv; its α has full column rank, so all 81 are free.
+    "atoms-paper": AtomConfig(coder="lasso"),
     # + overcomplete sub-atoms (m1 = 3) on all convs.
     "atoms-oc": AtomConfig(num_sub_atoms=3),
-    # + channel atoms (k_c = 4, m_c = 64) on the attention projections.
+    # + channel atoms (k_c = 4) on the attention projections: the 16×16 block mix per layer.
     "atoms-attn": AtomConfig(channel_modules=ATTENTION_LINEARS),
 }
 

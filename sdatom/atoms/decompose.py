@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sdatom.atoms.devices import HOST
 from sdatom.fileio import atomic_path, cache_dir
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ def linear_atoms(rows: torch.Tensor, num_atoms: int) -> torch.Tensor:
     still spanning the row space).
     """
     d = rows.shape[1]
-    gram = (rows.T.float() @ rows.float()).double()
+    # The d×d Gram matrix on the rows' device; the float64 eigensolve on the CPU (MPS has no
+    # float64). The atoms come back on the CPU: the layer moves them.
+    gram = (rows.T.float() @ rows.float()).to(HOST, torch.float64)
     _, vecs = torch.linalg.eigh(gram)
     basis = vecs.flip(-1).T  # (d, d), descending singular values
     idx = basis.abs().argmax(dim=1, keepdim=True)
@@ -78,7 +81,8 @@ def linear_atoms(rows: torch.Tensor, num_atoms: int) -> torch.Tensor:
 
 def projector(atoms: torch.Tensor) -> torch.Tensor:
     """P = pinv(D0) (d, m): the linear coder's coefficients are α = R·P."""
-    return torch.linalg.pinv(atoms.double()).to(atoms.dtype).contiguous()
+    host = atoms.to(HOST, torch.float64)
+    return torch.linalg.pinv(host).to(atoms.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- lasso coder

@@ -18,7 +18,9 @@ then contracts it into M. Two cheaper paths exist:
     y = (1 + m)·conv(x, W0) + b,  gx0 = convᵀ(dy, W0),  dx = (1 + m)·gx0,  dm = ⟨gx0, x⟩
   (⟨convᵀ dy, x⟩ = ⟨dy, conv x⟩ by linearity): no weight gradient at all.
 
-Both save only x, W0 (the parameter itself) and the k²×k² matrix. :func:`choose_path` is the
+Both save only x, W0 (the parameter itself) and the k²×k² matrix M, which stays float32 under
+autocast (only the activations are in the compute dtype); the reductions that give dM are
+accumulated in float32. :func:`choose_path` is the
 dispatch rule; :func:`force_path` overrides it (tests, benchmarks).
 """
 
@@ -68,7 +70,11 @@ def _out_size(hw: tuple[int, int] | torch.Size, conv: torch.nn.Conv2d) -> tuple[
 
 # ----------------------------------------------------------------------------- gemm path
 class _TapMixConvFn(torch.autograd.Function):
-    """y = conv(x, W0·A, b) through im2col; backward without a weight gradient."""
+    """y = conv(x, W0·(I + M), b) through im2col; backward without a weight gradient.
+
+    M stays float32: A·U = U + M·U with M rounded once to the compute dtype (relative error
+    ~1e-3 of M, not of 1 + M), and dM is accumulated in float32.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, mix, op):  # type: ignore[override]
@@ -78,7 +84,8 @@ class _TapMixConvFn(torch.autograd.Function):
         w2 = weight.reshape(c_out, c_in * kk).to(x.dtype)
         u = F.unfold(x, (kh, kw), op.dilation, op.padding, op.stride)  # (B, c_in·k², L)
         length = u.shape[-1]
-        u = torch.matmul(mix, u.view(b, c_in, kk, length)).view(b, c_in * kk, length)  # A·U
+        u4 = u.view(b, c_in, kk, length)
+        u = torch.matmul(mix.to(x.dtype), u4).add_(u4).view(b, c_in * kk, length)  # (I + M)·U
         y = x.new_empty(b, c_out, length)
         for i in range(b):  # 2-D GEMMs: a batched matmul would copy the expanded weight
             torch.mm(w2, u[i], out=y[i])
@@ -107,41 +114,50 @@ class _TapMixConvFn(torch.autograd.Function):
         g = g.view(b, c_in, kk, length)
         gx = gmix = gb = None
         if ctx.needs_input_grad[0]:
-            gu = torch.matmul(mix.t(), g).view(b, c_in * kk, length)
+            gu = torch.matmul(mix.t().to(x.dtype), g).add_(g).view(b, c_in * kk, length)
             gx = F.fold(gu, (h, w), (kh, kw), op.dilation, op.padding, op.stride)
         if ctx.needs_input_grad[3]:
             u = F.unfold(x, (kh, kw), op.dilation, op.padding, op.stride)
             u = u.view(b * c_in, kk, length).transpose(1, 2)
-            gmix = torch.bmm(g.view(b * c_in, kk, length), u).sum(0)  # Σ G ⊗ U
+            # Σ G ⊗ U summed in float32: a half-precision sum loses bits and can overflow.
+            gg = g.view(b * c_in, kk, length)
+            gmix = torch.bmm(gg.to(mix.dtype), u.to(mix.dtype)).sum(0)
         if ctx.needs_input_grad[2]:
-            gb = dy.sum((0, 2))
+            gb = dy.sum((0, 2), dtype=mix.dtype).to(dy.dtype)
         return gx, None, gb, gmix, None
 
 
 # ----------------------------------------------------------------------------- scalar path
 class _ScaledConvFn(torch.autograd.Function):
-    """y = (1 + m)·conv(x, W0) + b; backward without a weight gradient."""
+    """y = (1 + m)·conv(x, W0) + b; backward without a weight gradient.
+
+    ``m`` stays float32: y0 + m·y0 rounds m once (relative error ~1e-3 of m), where
+    (1 + m) in bf16 moves in steps of ~8e-3; dm = ⟨gx0, x⟩ is summed in float32.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, op):  # type: ignore[override]
-        y = op.forward(x, weight.to(x.dtype), None).mul_(scale)
+    def forward(ctx, x, weight, bias, gain, op):  # type: ignore[override]
+        y = op.forward(x, weight.to(x.dtype), None)
+        y = y.add_(y * gain.to(y.dtype))
         if bias is not None:
             y += bias.view(1, -1, 1, 1)
         ctx.op = op
-        ctx.save_for_backward(x, weight, scale)
+        ctx.save_for_backward(x, weight, gain)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, scale = ctx.saved_tensors
+        x, weight, gain = ctx.saved_tensors
         dy = dy.to(x.dtype)
         need = ctx.needs_input_grad
         gx0 = ctx.op.backward(x, weight.to(x.dtype), dy, False, (True, False, False))[0]
-        gx = gx0 * scale if need[0] else None
-        gscale = (gx0 * x).sum().reshape(scale.shape) if need[3] else None
-        gb = dy.sum((0, 2, 3)) if need[2] else None
-        return gx, None, gb, gscale, None
+        gx = gx0 + gx0 * gain.to(gx0.dtype) if need[0] else None
+        ggain = None
+        if need[3]:
+            ggain = torch.sum(gx0.to(gain.dtype) * x.to(gain.dtype)).reshape(gain.shape)
+        gb = dy.sum((0, 2, 3), dtype=gain.dtype).to(dy.dtype) if need[2] else None
+        return gx, None, gb, ggain, None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -157,8 +173,9 @@ def linear_atom_conv2d(
     x, op = conv_op(x, conv)
     b = bias.to(dt) if bias is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        m = coef.to(delta_atoms.dtype) @ delta_atoms  # (k², k²) in the atoms' dtype
+        # M (k², k²) in float32 whatever the compute dtype; the Functions add the identity.
+        ft = torch.promote_types(delta_atoms.dtype, torch.float32)
+        m = coef.to(ft) @ delta_atoms.to(ft)
         if path == "scalar":
-            return _ScaledConvFn.apply(x.to(dt), weight, b, (1 + m).to(dt), op)
-        mix = (torch.eye(m.shape[0], dtype=m.dtype, device=m.device) + m).to(dt)
-        return _TapMixConvFn.apply(x.to(dt), weight, b, mix, op)
+            return _ScaledConvFn.apply(x.to(dt), weight, b, m, op)
+        return _TapMixConvFn.apply(x.to(dt), weight, b, m, op)

@@ -137,16 +137,21 @@ def remove_atoms(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
-def merge_atoms(model: nn.Module, safe: bool = False) -> list[str]:
-    """Fold every atom update into its base weight; ``safe`` checks finiteness first."""
+def merge_atoms(model: nn.Module, safe: bool = False, reversible: bool = False) -> list[str]:
+    """Fold every atom update into its base weight; ``safe`` checks finiteness first.
+
+    No weight-sized tensor is kept; ``reversible=True`` keeps a CPU copy of each linear-coder
+    base weight so that ``unmerge_atoms`` restores it bit for bit (see AtomLayer.merge).
+    """
     layers = atom_layers(model)
     for layer in layers.values():
-        layer.merge(safe=safe)
+        layer.merge(safe=safe, reversible=reversible)
     return list(layers)
 
 
 def unmerge_atoms(model: nn.Module) -> list[str]:
-    """Undo ``merge_atoms`` (in reverse order); base weights come back up to rounding."""
+    """Undo ``merge_atoms`` (in reverse order); base weights come back up to rounding
+    (bit for bit after a reversible merge)."""
     layers = atom_layers(model)
     for layer in reversed(list(layers.values())):
         layer.unmerge()

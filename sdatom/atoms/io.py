@@ -33,7 +33,9 @@ from sdatom.errors import AdapterError, ConfigError
 from sdatom.fileio import atomic_path
 
 FORMAT = "sdatom-atoms"
-FORMAT_VERSION = 1
+# 2: every trainable number is a degree of freedom (linear coder: at most k² filter atoms and
+# k_c² channel atoms; 1×1 convs: one atom). Version 1 files are converted on loading.
+FORMAT_VERSION = 2
 _RESERVED = ("format", "format_version", "sdatom_version", "config", "layers", "base_fingerprint")
 _PROBE_SIZE = 64
 
@@ -90,14 +92,12 @@ def _check_shape(key: str, value: torch.Tensor, target: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- fingerprints
-def _probe(weight: torch.Tensor, merged_delta: torch.Tensor | None = None) -> list[float]:
+def _probe(weight: torch.Tensor) -> list[float]:
     flat = weight.detach().reshape(-1)
     # Evenly spaced integer positions (float32 linspace rounds past the end of big weights).
     n, k = flat.numel(), min(flat.numel(), _PROBE_SIZE)
     idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
     vals = flat[idx.to(flat.device)].float()
-    if merged_delta is not None:
-        vals = vals - merged_delta.reshape(-1)[idx.to(flat.device)]
     return [float(f"{v:.6g}") for v in vals.cpu().tolist()]
 
 
@@ -162,7 +162,7 @@ def save_atoms(
                 for k, v in tensors.items()
                 if k.rpartition(".")[0] == name
             },
-            "probe": _probe(weight, layer._merged_delta if layer.merged else None),
+            "probe": _probe(layer.original_weight()),
         }
     (config,) = configs
     meta = {
@@ -294,10 +294,10 @@ def load_atoms(
             continue
         mode, module, layer = candidates[name]
         shape = list(module.weight.shape)
-        merged_delta = layer._merged_delta if layer is not None and layer.merged else None
+        weight = layer.original_weight() if layer is not None else module.weight
         if shape != info["weight_shape"] or mode != info["mode"]:
             problems.append(f"{name!r} has shape {shape}, file has {info['weight_shape']}")
-        elif not _probe_close(_probe(module.weight, merged_delta), info["probe"]):
+        elif not _probe_close(_probe(weight), info["probe"]):
             weight_problems.append(f"{name!r} has different base weights (fingerprint mismatch)")
             other_weights.append(name)
         else:
@@ -326,5 +326,50 @@ def load_atoms(
     absent = [k for k in keys if k not in file_keys]
     if absent:
         raise AdapterError(f"{path}: corrupt atoms file, tensor {absent[0]!r} is missing")
-    loaded = load_atom_state_dict(model, _read_tensors(path, keys), strict=not problems)
+    tensors = _read_tensors(path, keys)
+    if int(meta["format_version"]) < 2:
+        tensors = _from_format_1(path, config, tensors, atom_state_dict(model))
+    loaded = load_atom_state_dict(model, tensors, strict=not problems)
     return loaded
+
+
+@torch.no_grad()
+def _from_format_1(
+    path: Path,
+    config: AtomConfig,
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Convert a format-1 file, exactly: its linear-coder layers stored more atoms than
+    degrees of freedom (9 scalar atoms on a 1×1 conv, 64 channel atoms of 16 entries) and
+    used only M = pinv(D0)·ΔD; the new layout stores the complete basis D0[:d] and
+    ΔD' = D0[:d]·M, which gives the same M. Lasso and overcomplete layers that changed shape
+    cannot be converted: refused in one line."""
+    out = dict(tensors)
+    for key, want in expected.items():
+        if not key.endswith(".atoms_delta") or key not in tensors:
+            continue
+        layer = key[: -len(".atoms_delta")]
+        delta, d0 = tensors[key], tensors.get(f"{layer}.atoms_d0")
+        if tuple(delta.shape) == tuple(want.shape):
+            continue
+        convertible = (
+            config.coder == "linear"
+            and d0 is not None
+            and f"{layer}.atoms_beta" not in tensors
+            and delta.shape[1] == want.shape[1]
+        )
+        if convertible:
+            mix = torch.linalg.pinv(d0.double()) @ delta.double()  # (d, d): what reached W
+            basis = d0.double()[: want.shape[0]]
+            new = basis @ mix
+            convertible = torch.allclose(torch.linalg.pinv(basis) @ new, mix, atol=1e-9)
+        if not convertible:
+            raise AdapterError(
+                f"{path}: saved in sdatom's format 1, where {layer!r} has {delta.shape[0]} atoms "
+                f"and this sdatom trains {want.shape[0]}; this layer cannot be converted: sample "
+                "or export it (sdatom export --merged) with sdatom 0.1, or train it again"
+            )
+        out[key] = new.to(delta.dtype)
+        out[f"{layer}.atoms_d0"] = basis.to(d0.dtype).contiguous()
+    return out

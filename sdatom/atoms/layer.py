@@ -5,7 +5,8 @@ weight never copied), exposes ``get_delta_weight`` and has three forward cases: 
 disabled (the base layer, unmerged first if needed), merged (the base layer), otherwise ONE
 convolution/matmul with the summed weight W0 + delta.
 
-Parameters are named ``atoms_*``: ``atoms_delta`` ΔD (trainable, zero-initialised),
+Parameters are named ``atoms_*``: ``atoms_delta`` ΔD (trainable, zero-initialised; as many
+atoms as are degrees of freedom, see :func:`effective_atoms`),
 ``atoms_beta`` β and ``atoms_sub`` D1 (overcomplete option), buffers ``atoms_d0`` (the atoms
 D0, saved with the adapter) and ``atoms_coef`` (P = pinv(D0) or the lasso α; not saved).
 """
@@ -22,6 +23,7 @@ from sdatom.atoms import decompose as dec
 from sdatom.atoms.channel import choose_path as channel_path
 from sdatom.atoms.channel import linear_channel_atoms
 from sdatom.atoms.config import AtomConfig
+from sdatom.atoms.devices import supports_float64
 from sdatom.atoms.functional import atom_conv2d, atom_linear, channel_delta, filter_delta
 from sdatom.atoms.gemm import linear_atom_conv2d
 from sdatom.errors import AdapterError
@@ -40,7 +42,7 @@ def atom_shapes(module: nn.Module, config: AtomConfig, mode: str) -> dict[str, t
     if mode == "filter":
         kh, kw = w.shape[2], w.shape[3]
         kk = kh * kw
-        m = config.num_atoms or kk
+        m = effective_atoms(config.num_atoms or kk, kk, config.coder)
         shapes = {"atoms_delta": (m, kk)}
         if config.num_sub_atoms:
             m1 = config.num_sub_atoms
@@ -56,10 +58,22 @@ def atom_shapes(module: nn.Module, config: AtomConfig, mode: str) -> dict[str, t
     if w.shape[0] % kc or w.shape[1] % kc:
         raise ValueError(f"weight {tuple(w.shape[:2])} is not divisible into {kc}x{kc} blocks")
     kk = kc * kc
-    return {
-        "atoms_delta": (config.num_channel_atoms, kk),
-        "atoms_d0": (config.num_channel_atoms, kk),
-    }
+    m = effective_atoms(config.num_channel_atoms, kk, config.coder)
+    return {"atoms_delta": (m, kk), "atoms_d0": (m, kk)}
+
+
+def effective_atoms(m: int, d: int, coder: str) -> int:
+    """How many atoms a layer gets so that every trainable number is a degree of freedom.
+
+    Linear coder: the update is R0·(P·ΔD) and P = pinv(D0) has rank min(m, d), so atoms
+    beyond a complete basis (m > d) add parameters but no freedom: min(m, d) atoms (a 1×1
+    conv gets one gain, a k_c×k_c channel-atom layer the k_c²×k_c² mix). Lasso coder: α·ΔD
+    with a full-column-rank α keeps all m, except for 1×1 kernels (d = 1), whose scalar atoms
+    are all collinear and get identical codes: one atom.
+    """
+    if coder == "linear":
+        return min(m, d)
+    return 1 if d == 1 else m
 
 
 class AtomLayer(nn.Module):
@@ -84,7 +98,8 @@ class AtomLayer(nn.Module):
         self.atom_name = name
         self.merged = False
         self.disabled = False
-        self._merged_delta: torch.Tensor | None = None
+        # A CPU copy of W0, kept only by a reversible merge of the linear coder.
+        self._unmerged_weight: torch.Tensor | None = None
         weight = base_layer.weight
         shapes = atom_shapes(base_layer, config, mode)
         factory = {"device": weight.device, "dtype": torch.float32}
@@ -141,10 +156,7 @@ class AtomLayer(nn.Module):
 
     def fit_report(self) -> dict[str, float]:
         """Reconstruction error ‖R − αD0‖/‖R‖ and sparsity of α for this layer."""
-        w = self.base_layer.weight.detach().float()
-        if self.merged:
-            w = w - self._merged_delta
-        rows = self._rows_of(w)
+        rows = self._rows_of(self.original_weight().float())
         coef = rows @ self.atoms_coef if self.atom_config.coder == "linear" else self.atoms_coef
         return dec.fit_stats(rows, self.atoms_d0, coef)
 
@@ -163,14 +175,65 @@ class AtomLayer(nn.Module):
 
     def get_delta_weight(self) -> torch.Tensor:
         """The weight update (float32, shaped like the base weight) of the current atoms."""
-        if self.merged and self._merged_delta is not None:
-            return self._merged_delta
-        return self._delta_fn(self.base_layer.weight.detach(), *self._factors())
+        return self._delta_fn(self.original_weight(), *self._factors())
+
+    @torch.no_grad()
+    def original_weight(self) -> torch.Tensor:
+        """W0, the base weight without the atoms: the parameter itself unless merged; a merged
+        layer recomputes it (a transient tensor, nothing is kept for it)."""
+        weight = self.base_layer.weight
+        if not self.merged:
+            return weight.detach()
+        if self._unmerged_weight is not None:  # reversible merge: bit-exact
+            return self._unmerged_weight.to(weight.device)
+        if self.atom_config.coder == "lasso":  # α·ΔD does not depend on W0
+            return weight.float() - self._delta_fn(weight.detach(), *self._factors()).float()
+        return self._invert_linear_merge(weight.detach())
+
+    def _invert_linear_merge(self, merged: torch.Tensor) -> torch.Tensor:
+        """W0 from W' = W0·A (linear coder; A = I + P·ΔD on the tap or block axis, per input
+        channel with sub-atoms): one small solve, exact up to the merged weight's rounding."""
+        ft = torch.float64 if supports_float64(merged.device) else torch.float32
+        mix = self.atoms_coef.to(ft) @ self.atoms_delta.to(ft)  # (d, d)
+        if self.atom_mode == "channel":
+            block = self.atom_config.channel_block
+            rows = dec.channel_rows(merged.reshape(merged.shape[0], merged.shape[1]).to(ft), block)
+            eye = torch.eye(mix.shape[0], dtype=ft, device=mix.device)
+            rows0 = torch.linalg.solve(eye + mix, rows, left=False)
+            return dec.channel_unrows(rows0, merged.shape, block)
+        c_out, c_in = merged.shape[0], merged.shape[1]
+        kk = mix.shape[0]
+        eye = torch.eye(kk, dtype=ft, device=mix.device)
+        if self.atoms_beta is None:
+            a = (eye + mix)[None]  # one A for every input channel
+        else:
+            m, m1 = self.atoms_delta.shape[0], self.atoms_beta.shape[1]
+            per_channel = self.atoms_delta.to(ft) + torch.einsum(
+                "cja,jaq->cjq",
+                self.atoms_beta.to(ft).reshape(c_in, m, m1),
+                self.atoms_sub.to(ft).reshape(m, m1, kk),
+            )
+            a = eye + torch.einsum("pj,cjq->cpq", self.atoms_coef.to(ft), per_channel)
+        rows = merged.to(ft).reshape(c_out, c_in, kk).transpose(0, 1)  # (c_in, c_out, k²)
+        try:
+            w0 = torch.linalg.solve(a, rows, left=False)
+        except RuntimeError:  # torch.linalg.LinAlgError: A is singular
+            raise AdapterError(
+                f"{self.atom_name}: cannot undo this merge (I + P·ΔD is singular); merge with "
+                "reversible=True to unmerge exactly"
+            ) from None
+        return w0.transpose(0, 1).reshape(merged.shape).float()
 
     # -- merge
     @torch.no_grad()
-    def merge(self, safe: bool = False) -> None:
-        """Fold the update into the base weight (safe: check finiteness on a copy first)."""
+    def merge(self, safe: bool = False, reversible: bool = False) -> None:
+        """Fold the update into the base weight (safe: check finiteness on a copy first).
+
+        Nothing weight-sized is kept: ``unmerge`` recomputes W0 (lasso coder: W' − α·ΔD;
+        linear coder: W'·(I + P·ΔD)⁻¹, exact up to the merged weight's rounding).
+        ``reversible=True`` (linear coder) keeps a CPU copy of W0 so that ``unmerge`` restores
+        it bit for bit.
+        """
         if self.merged:
             return
         weight = self.base_layer.weight
@@ -178,18 +241,19 @@ class AtomLayer(nn.Module):
         merged = weight.float() + delta
         if safe and not torch.isfinite(merged).all():
             raise AdapterError(f"{self.atom_name}: merging the atoms gives non-finite weights")
+        if reversible and self.atom_config.coder == "linear":
+            self._unmerged_weight = weight.detach().to("cpu", copy=True)
         weight.copy_(merged.to(weight.dtype))
-        self._merged_delta = delta
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the delta added by ``merge`` (restores the base weight up to rounding)."""
+        """Restore the base weight (bit for bit after a reversible merge, else up to rounding)."""
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_((weight.float() - self._merged_delta).to(weight.dtype))
-        self._merged_delta = None
+        weight.copy_(self.original_weight().to(weight.dtype))
+        self._unmerged_weight = None
         self.merged = False
 
     # -- forward

@@ -32,6 +32,7 @@ from sdatom.eval.backbones import Backbones, load_backbones
 from sdatom.eval.common import FORMAT, METRICS, RANDOM_WARNING, fmt
 from sdatom.eval.images import GeneratedImage, read_generated, read_manifest_settings
 from sdatom.fileio import atomic_write_text
+from sdatom.progress import progress_bar
 from sdatom.prompts import strip_token
 
 __all__ = [
@@ -281,6 +282,7 @@ def evaluate(
     base_images_dir: str | os.PathLike | None = None,
     backbones: Backbones | None = None,
     report: bool = True,
+    progress: bool = True,
 ) -> dict:
     """Score a folder of generated images against the subject photos; write the results.
 
@@ -297,6 +299,7 @@ def evaluate(
             enables the preservation metrics.
         backbones: from :func:`load_backbones`; None loads the defaults.
         report: also write report.html.
+        progress: show a progress bar on a terminal.
 
     Raises:
         UsageError: a folder is missing or unusable, or backbone weights are unavailable.
@@ -311,16 +314,21 @@ def evaluate(
     if backbones is None:
         backbones = load_backbones()
 
+    groups = _group_by_prompt(generated)
+    # Embeddings (3 steps), then one step per prompt (its diversity: pairwise LPIPS).
+    bar = progress_bar(3 + len(groups), "eval", enabled=progress)
     gen_pil = [load_image(g.path) for g in generated]
     subj_pil = [load_image(p) for p in subject_paths]
     gen_clip, subj_clip = (
         clip_image_embeddings(backbones, gen_pil),
         clip_image_embeddings(backbones, subj_pil),
     )
+    bar.update(1)
     gen_dino, subj_dino = dino_embeddings(backbones, gen_pil), dino_embeddings(backbones, subj_pil)
-    groups = _group_by_prompt(generated)
+    bar.update(1)
     texts = {p: strip_token(p, token) for p in groups}
     text_emb = dict(zip(texts, clip_text_embeddings(backbones, list(texts.values())), strict=True))
+    bar.update(1)
 
     per_image = []
     for i, g in enumerate(generated):
@@ -356,6 +364,8 @@ def evaluate(
         entry["vendi_clip"] = vendi_score(gen_clip[idx]) if several else None
         entry["vendi_dino"] = vendi_score(gen_dino[idx]) if several else None
         prompts.append(entry)
+        bar.update(1)
+    bar.close()
     if all(len(idx) < 2 for idx in groups.values()):
         notes.setdefault("lpips_diversity", "every prompt has a single image: no pairs")
         notes["vendi"] = "every prompt has a single image: no diversity to measure"

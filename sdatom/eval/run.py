@@ -46,6 +46,7 @@ def evaluate_run(
     dino_weights: str | None = None,
     random_backbones: bool = False,
     device: str = "cpu",
+    progress: bool = True,
 ) -> dict:
     """Score a run's samples against its subject photos into ``<run>/eval/``."""
     from sdatom.eval.backbones import load_backbones
@@ -79,4 +80,5 @@ def evaluate_run(
         token=run.config.get("token"),
         base_images_dir=base_images,
         backbones=backbones,
+        progress=progress,
     )
