@@ -527,9 +527,12 @@ def class_image_cache_dir(
     *,
     steps: int | None = None,
     precision: str = "fp32",
+    weights: str | None = None,
 ) -> Path:
     """Folder where the class images for (model, prompt, resolution, denoising ``steps``,
-    ``precision``) are cached.
+    ``precision``) are cached. ``weights`` is a fingerprint of the model's UNet weights where
+    one can be taken (a local folder, ``toy``): retrained weights at the same path or name
+    never reuse images of the old ones.
 
     ``<sdatom cache>/class_images/<hash>`` (``$SDATOM_CACHE``, else
     ``$XDG_CACHE_HOME/sdatom`` or ``~/.cache/sdatom``). ``count`` is
@@ -548,6 +551,7 @@ def class_image_cache_dir(
             "resolution": int(resolution),
             "steps": steps,
             "precision": precision,
+            **({"weights": weights} if weights else {}),
         },
         sort_keys=True,
     )

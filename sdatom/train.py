@@ -255,6 +255,8 @@ def class_images(
         return None
     if c.class_dir:
         return find_images(c.class_dir)[: c.num_class_images]
+    from sdatom.models import weights_fingerprint
+
     prompt = class_prompt(c.class_name)
     precision = class_image_precision(accelerator)
     folder = class_image_cache_dir(
@@ -264,6 +266,7 @@ def class_images(
         c.resolution,
         steps=c.class_sample_steps,
         precision=precision,
+        weights=weights_fingerprint(c.model),
     )
     cached = list_cached_class_images(folder, c.num_class_images)
     if cached is not None:
