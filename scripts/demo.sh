@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# The whole job on the embedded `tiny` model and the project's demo subject (data/toy):
-# train atoms -> sample the evaluation prompts (adapted and base, same seeds) -> eval -> report.
-# CPU only, offline, a few minutes. Random weights: the pictures are noise-like by design.
+# The whole job on the embedded `toy` model (the project's own pretrained toy-world model) and
+# one of its toy subjects, a pink-and-cyan striped square it has never seen:
+# train atoms with the toy defaults -> sample the subject on backgrounds it was never shown on,
+# beside the base model's images of the same seeds -> eval (toy CLIP + exact oracle) -> report.
+# CPU only, offline, a few minutes.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 RUN=${RUN:-runs/demo}
+SUBJECT=${SUBJECT:-data/toyworld/pink-cyan-striped-square}
 SDATOM="$BIN/sdatom"
 
-"$SDATOM" train --subject data/toy --class-name toy --model tiny --output "$RUN" \
-    --steps 40 --lr 1e-3 --checkpoint-every 20 --validation-every 20 --overwrite
-"$SDATOM" sample --run "$RUN" --protocol -n 2 --steps 8 --output "$RUN/samples/protocol"
-"$SDATOM" sample --run "$RUN" --protocol -n 2 --steps 8 --base --output "$RUN/samples/protocol-base"
-"$SDATOM" eval --run "$RUN" --random-backbones --device cpu
+"$SDATOM" train --model toy --subject "$SUBJECT" --class-name square --output "$RUN" --overwrite
+"$SDATOM" sample --run "$RUN" --protocol -n 4 --output "$RUN/samples/protocol"
+"$SDATOM" sample --run "$RUN" --protocol -n 4 --base --output "$RUN/samples/protocol-base"
+"$SDATOM" eval --run "$RUN"
+"$BIN/python" scripts/demo_figure.py "$RUN" "$RUN/demo.png"
 echo
 echo "adapter: $RUN/adapter.safetensors"
-echo "images:  $RUN/samples/protocol/grid.png"
+echo "picture: $RUN/demo.png (subject photos; base model | adapted, same seeds)"
 echo "report:  $RUN/eval/report.html"
