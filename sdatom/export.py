@@ -23,6 +23,7 @@ import torch
 
 from sdatom.errors import UsageError
 from sdatom.fileio import atomic_path, atomic_write_text
+from sdatom.methods import get_method
 from sdatom.progress import progress_bar
 from sdatom.runs import Run, load_run_pipeline, read_run
 
@@ -39,22 +40,16 @@ def merged_pipeline(run_dir: str | os.PathLike | Run, *, model: str | None = Non
 
     The UNet (and text encoder) hold only plain diffusers/transformers modules afterwards.
     """
-    from sdatom.atoms import remove_atoms
-
     run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
     pipe = load_run_pipeline(run, merge=True, dtype="fp32", device="cpu", model=model)
-    if run.method == "atoms":
-        # merge=True keeps the (already merged) weights; the default would unmerge them.
-        remove_atoms(pipe.unet, merge=True)
-    elif run.method == "lora":
-        pipe.unload_lora_weights()  # after fuse_lora this keeps the fused weights
+    get_method(run.method).unwrap(pipe)
     for component in (pipe.unet, pipe.text_encoder):
         foreign = [
             f"{name} ({type(m).__module__})"
             for name, m in component.named_modules()
             if type(m).__module__.split(".")[0] in ("sdatom", "peft")
         ]
-        if foreign:  # a broken invariant of remove_atoms/unload_lora_weights, not user input
+        if foreign:  # a broken invariant of Method.unwrap, not user input
             raise RuntimeError(f"adapter modules left after merging: {foreign[:3]}")
     return pipe
 

@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,14 @@ from sdatom.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from sdatom.config import DEFAULT_LR, MIXED_PRECISION, TrainConfig, dump_config
+from sdatom.config import MIXED_PRECISION, TrainConfig, dump_config
 from sdatom.errors import CheckpointError, ConfigError, Interrupted, TrainingError, UsageError
 from sdatom.fileio import atomic_path, atomic_write_text
+from sdatom.methods import Method, get_method
+from sdatom.runs import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "train_summary.json"
 # Config fields that may differ between a run and its resumption (they change no result).
 # Schedules whose learning rate at a step does not depend on the total number of steps.
 STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
@@ -59,16 +60,36 @@ RESUMABLE_CHANGES = {
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Values derived once from the config before training (the config itself never changes)."""
+    """Everything derived from the user's config, computed once before training.
+
+    ``config`` is the resolved config (every default filled: method defaults, the output
+    folder, the model's resolution, the precision accelerate chose): what ``config.yaml`` and
+    each checkpoint record. The user's config is never changed during the run.
+    """
 
     config: TrainConfig
     output: Path
     subject_images: tuple[Path, ...]
+    method: Method
+    weight_dtype: torch.dtype
 
 
-def resolve_config(config: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on other options, so config.yaml records what ran."""
+def _model_of(config: TrainConfig) -> str:
     from sdatom.models import default_model
+
+    return config.model or default_model()
+
+
+def _output_of(config: TrainConfig) -> Path:
+    return Path(config.output or Path("runs") / Path(config.subject).resolve().name)
+
+
+def check_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> tuple[Path, ...]:
+    """Fail before any loading: required options, the method's options, the subject folder
+    and the output folder (a finished run is never overwritten silently, and an unfinished
+    one is resumed only when asked). Returns the subject images (listed once)."""
+    from sdatom.checkpoint import list_checkpoints
+    from sdatom.data import find_images
 
     if config.subject is None:
         raise ConfigError("--subject: give the folder of subject photos")
@@ -76,38 +97,13 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(
             "--class-name: say what the subject is (e.g. --class-name dog); it is never guessed"
         )
-    if config.method == "atoms":  # a bad preset or atom config fails before any loading
-        from sdatom.atoms import resolve_config as resolve_atoms
-
-        resolve_atoms(config.atoms if config.atoms is not None else config.preset)
-    model = config.model or default_model()
-    tiny = model == "tiny"
-    output = config.output or str(Path("runs") / Path(config.subject).resolve().name)
-    return config.replace(
-        model=model,
-        output=output,
-        lr=config.lr or DEFAULT_LR[config.method],
-        num_class_images=config.num_class_images or (8 if tiny else 100),
-        class_sample_steps=config.class_sample_steps or (4 if tiny else 30),
-        validation_prompts=config.validation_prompts
-        or (f"a photo of {config.token} {config.class_name}",),
-    )
-
-
-def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunPlan:
-    """Resolve the config and check the output folder: a finished run is never overwritten
-    silently, and an unfinished one is resumed only when asked."""
-    from sdatom.data import find_images
-
-    config = resolve_config(config)
+    get_method(config.method).check_config(config)
     # Listed once (its warnings printed once); a missing or empty folder fails before loading.
     subject_images = tuple(find_images(config.subject))
-    output = Path(config.output)
+    output = _output_of(config)
     finished = (output / SUMMARY_FILE).is_file()
     started = (output / "config.yaml").is_file()
     if resume is None and (finished or started) and not overwrite:
-        from sdatom.checkpoint import list_checkpoints
-
         if finished:
             what, hint = "a finished run", ""
         elif list_checkpoints(output):
@@ -123,236 +119,45 @@ def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> Run
         )
     if resume is not None and finished and not overwrite:
         raise UsageError(f"--output {output} holds a finished run; nothing to resume")
-    return RunPlan(
-        config=config,
-        output=output,
-        subject_images=subject_images,
-    )
+    return subject_images
 
 
-# ----------------------------------------------------------------------------- the model
-
-
-def add_adapter(unet: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Freeze the UNet and add the method's trainable parameters; return them."""
-    unet.requires_grad_(False)
-    if config.method == "atoms":
-        from sdatom.atoms import add_atoms, trainable_parameters
-
-        add_atoms(unet, config.atoms if config.atoms is not None else config.preset)
-        return trainable_parameters(unet)
-    if config.method == "lora":
-        from peft import LoraConfig
-
-        # peft draws the gaussian init from the global RNG: --seed makes it reproducible,
-        # without disturbing the caller's RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            unet.add_adapter(
-                LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=config.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora_targets),
-                )
-            )
-        return [p for p in unet.parameters() if p.requires_grad]
-    unet.requires_grad_(True)
-    return list(unet.parameters())
-
-
-def adapter_state(unet: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores for ``method`` (what was trained)."""
-    if method == "atoms":
-        from sdatom.atoms import atom_state_dict
-
-        return atom_state_dict(unet)
-    if method == "lora":
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(unet)
-    return unet.state_dict()
-
-
-def load_adapter_state(unet: torch.nn.Module, method: str, state: dict[str, torch.Tensor]):
-    if method == "atoms":
-        from sdatom.atoms import load_atom_state_dict
-
-        load_atom_state_dict(unet, state)
-    elif method == "lora":
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(unet, state)
-    else:
-        unet.load_state_dict(state)
-
-
-def save_adapter(unet: torch.nn.Module, plan: RunPlan, pipe: Any) -> Path:
-    """Write the final adapter: an sdatom atoms file, a diffusers LoRA file, or a UNet folder."""
-    c = plan.config
-    if c.method == "atoms":
-        from sdatom.atoms import save_atoms
-
-        meta = {"model": c.model, "method": "atoms", "token": c.token, "class_name": c.class_name}
-        return save_atoms(unet, plan.output / "adapter.safetensors", metadata=meta)
-    if c.method == "lora":
-        from peft.utils import get_peft_model_state_dict
-
-        tmp_dir = plan.output / ".adapter.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        type(pipe).save_lora_weights(
-            tmp_dir,
-            unet_lora_layers=get_peft_model_state_dict(unet),
-            weight_name="adapter.safetensors",
+def plan_run(
+    config: TrainConfig,
+    subject_images: tuple[Path, ...],
+    *,
+    mixed_precision: str,
+    native_resolution: int,
+) -> RunPlan:
+    """Resolve every default once: those that depend on other options, on the model (its
+    resolution) and on accelerate (the precision it runs in)."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(
+            f"mixed precision {mixed_precision!r} (from accelerate's settings) is not supported: "
+            f"use one of {', '.join(MIXED_PRECISION)}"
         )
-        with atomic_path(plan.output / "adapter.safetensors") as tmp:
-            shutil.move(tmp_dir / "adapter.safetensors", tmp)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        return plan.output / "adapter.safetensors"
-    folder = plan.output / "unet"
-    tmp_dir = plan.output / ".unet.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    unet.save_pretrained(tmp_dir, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp_dir, folder)
-    return folder
-
-
-# ----------------------------------------------------------------------------- the data
-
-
-def class_image_precision(accelerator: Any) -> str:
-    """The precision class images are generated in: the training precision on GPUs (fast, and
-    the images the model is later regularised towards), fp32 on the CPU."""
-    if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("fp16", "bf16"):
-        return accelerator.mixed_precision
-    return "fp32"
-
-
-def class_images(
-    plan: RunPlan, pipe: Any, accelerator: Any, progress: bool = True
-) -> list[Path] | None:
-    """Class images for prior preservation: the user's folder, or generated once and cached.
-
-    Generation is split across processes (image i on process i % N), so no process waits on
-    another for long; each image is written atomically, so a killed run never leaves a
-    half-written image that later counts. The cache key holds the model, prompt, resolution,
-    denoising steps and precision.
-    """
-    import contextlib
-
-    from sdatom.data import (
-        class_image_cache_dir,
-        class_image_path,
-        class_prompt,
-        find_images,
-        list_cached_class_images,
+    method = get_method(config.method)
+    model = _model_of(config)
+    tiny = model == "tiny"
+    resolved = config.replace(
+        model=model,
+        output=str(_output_of(config)),
+        lr=config.lr or method.default_lr,
+        num_class_images=config.num_class_images or (8 if tiny else 100),
+        class_sample_steps=config.class_sample_steps or (4 if tiny else 30),
+        validation_prompts=config.validation_prompts
+        or (f"a photo of {config.token} {config.class_name}",),
+        mixed_precision=mixed_precision,
+        resolution=config.resolution or native_resolution,
     )
-    from sdatom.progress import progress_bar
-
-    c = plan.config
-    if not c.prior:
-        return None
-    if c.class_dir:
-        return find_images(c.class_dir)[: c.num_class_images]
-    prompt = class_prompt(c.class_name)
-    precision = class_image_precision(accelerator)
-    folder = class_image_cache_dir(
-        c.model,
-        prompt,
-        c.num_class_images,
-        c.resolution,
-        steps=c.class_sample_steps,
-        precision=precision,
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    return RunPlan(
+        config=resolved,
+        output=Path(resolved.output),
+        subject_images=subject_images,
+        method=method,
+        weight_dtype=weight_dtype[mixed_precision],
     )
-    cached = list_cached_class_images(folder, c.num_class_images)
-    if cached is not None:
-        return cached
-    folder.mkdir(parents=True, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    logger.info("generating %d class images for %r", c.num_class_images, prompt)
-    mine = [i for i in range(rank, c.num_class_images, world)]
-    bar = progress_bar(
-        len(mine),
-        "class images",
-        enabled=progress and accelerator.is_local_main_process,
-        unit="img",
-    )
-    autocast = accelerator.autocast() if precision != "fp32" else contextlib.nullcontext()
-    for i in mine:
-        path = class_image_path(folder, i)
-        if not path.is_file():
-            with autocast:
-                image = pipe(
-                    prompt,
-                    num_inference_steps=c.class_sample_steps,
-                    height=c.resolution,
-                    width=c.resolution,
-                    generator=torch.Generator(device="cpu").manual_seed(i),
-                ).images[0]
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG")
-        bar.update(1)
-    bar.close()
-    accelerator.wait_for_everyone()
-    return list_cached_class_images(folder, c.num_class_images)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffled order that depends only on (seed, epoch): resumable and the same on every
-    process, which lets accelerate shard it."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class Encoders:
-    """The frozen VAE and text encoder, with caches: each image and prompt is encoded once."""
-
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, cache: bool):
-        self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
-        self.device, self.dtype, self.cache = device, dtype, cache
-        self._latents: dict[str, torch.Tensor] = {}
-        self._prompts: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 2·C, h, w): the VAE posterior's mean and log-variance of each image."""
-        out = []
-        for image in pixels:
-            key = hashlib.sha1(image.numpy().tobytes()).hexdigest() if self.cache else None
-            if key is None or key not in self._latents:
-                x = image[None].to(self.device, self.dtype)
-                moments = self.vae.encode(x).latent_dist.parameters.float()
-                if key is None:
-                    out.append(moments)
-                    continue
-                self._latents[key] = moments
-            out.append(self._latents[key])
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def prompts(self, prompts: list[str]) -> torch.Tensor:
-        for p in set(prompts) - self._prompts.keys():
-            ids = self.tokenizer(
-                p,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            self._prompts[p] = self.text_encoder(ids)[0].float()
-        return torch.cat([self._prompts[p] for p in prompts])
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -527,29 +332,31 @@ def train(
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from sdatom.data import DreamBoothDataset, collate_dreambooth
+    from sdatom.data import (
+        DreamBoothDataset,
+        Encoders,
+        EpochSampler,
+        class_images,
+        collate_dreambooth,
+    )
     from sdatom.models import enable_xformers, load_pipeline
 
-    plan = plan_run(config, resume=resume, overwrite=overwrite)
-    accelerator = make_accelerator(plan.config, plan.output)
-    # Every process has checked the output folder (plan_run) before any process writes to it.
+    subject_images = check_run(config, resume=resume, overwrite=overwrite)
+    accelerator = make_accelerator(config, _output_of(config))
+    # Every process has checked the output folder (check_run) before any process writes to it.
     accelerator.wait_for_everyone()
-    # Not set: accelerate's own setting (launch flag, config file, environment) applied;
-    # config.yaml records the precision actually used.
-    used = accelerator.mixed_precision
-    if used not in MIXED_PRECISION:
-        raise ConfigError(
-            f"mixed precision {used!r} (from accelerate's settings) is not supported: "
-            f"use one of {', '.join(MIXED_PRECISION)}"
-        )
-    plan = replace(plan, config=plan.config.replace(mixed_precision=used))
     pipe = load_pipeline(
-        plan.config.model, dtype="fp32", device=accelerator.device, config=plan.config.model_config
+        _model_of(config), dtype="fp32", device=accelerator.device, config=config.model_config
     )
-    if plan.config.resolution is None:  # the model's native resolution
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        plan = replace(plan, config=plan.config.replace(resolution=native))
-    c = plan.config
+    # Not set: accelerate's own setting (launch flag, config file, environment) applied;
+    # config.yaml records the precision actually used, and the model's native resolution.
+    plan = plan_run(
+        config,
+        subject_images,
+        mixed_precision=accelerator.mixed_precision,
+        native_resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+    )
+    c, method, weight_dtype = plan.config, plan.method, plan.weight_dtype
     checkpoint = _find_resume(plan, resume)
     if accelerator.is_main_process:
         if overwrite and resume is None and plan.output.exists():
@@ -559,17 +366,14 @@ def train(
     accelerator.wait_for_everyone()
 
     # -- build: the base model, frozen, with the method's trainable parameters
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        c.mixed_precision
-    ]
     if c.xformers:
         enable_xformers(pipe, accelerator.device)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    images = class_images(plan, pipe, accelerator, progress_bar)
+    images = class_images(c, pipe, accelerator, progress_bar)
     unet = pipe.unet
-    params = add_adapter(unet, c)
-    if c.method != "full" and weight_dtype != torch.float32:
+    params = method.add(unet, c)
+    if method.freezes_base and weight_dtype != torch.float32:
         # Frozen weights in the compute dtype; trainable parameters stay in fp32.
         for p in unet.parameters():
             if not p.requires_grad:
@@ -578,7 +382,7 @@ def train(
     pipe.text_encoder.to(dtype=weight_dtype)
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    trainable_count = sum(p.numel() for p in params)
+    trainable_count = method.count(params)
 
     # -- data
     dataset = DreamBoothDataset(
@@ -619,7 +423,7 @@ def train(
     # -- resume
     progress = Progress(step=0, epoch=0, batches_in_epoch=0)
     if checkpoint is not None:
-        load_adapter_state(accelerator.unwrap_model(unet), c.method, checkpoint.trainable)
+        method.load_state_dict(accelerator.unwrap_model(unet), checkpoint.trainable)
         checkpoint.restore(optimizer, lr_scheduler, accelerator.scaler)
         progress = checkpoint.progress
         logger.info("resumed from %s at step %d", checkpoint.path, progress.step)
@@ -710,10 +514,10 @@ def train(
     # -- save
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        adapter = save_adapter(accelerator.unwrap_model(unet), plan, pipe)
+        adapter = method.save(accelerator.unwrap_model(unet), plan.output, c, pipe)
         summary = {
             "method": c.method,
-            "preset": c.preset if c.method == "atoms" else None,
+            "preset": method.preset(c),
             "model": c.model,
             "trainable_params": trainable_count,
             "adapter_bytes": _size(adapter),
@@ -730,7 +534,7 @@ def train(
         }
         atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))
     else:  # other processes report the same run without writing it
-        adapter, summary = plan.output / "adapter.safetensors", {}
+        adapter, summary = plan.output / method.result_name, {}
     accelerator.end_training()
     return TrainResult(
         plan.output,
@@ -812,7 +616,7 @@ def _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, progress:
         save_checkpoint(
             folder,
             progress=progress,
-            trainable=adapter_state(accelerator.unwrap_model(unet), c.method),
+            trainable=plan.method.state_dict(accelerator.unwrap_model(unet)),
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             scaler=accelerator.scaler,
