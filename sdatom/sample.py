@@ -49,7 +49,7 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # a sample folder's index of prompts and seeds (read by eval)
 GRID = "grid.png"
 #: Grid cells are shrunk to at most this many pixels on a side (the PNGs keep full size).
 GRID_CELL = 256
