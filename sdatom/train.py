@@ -13,9 +13,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -26,34 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from sdatom import __version__
-from sdatom.checkpoint import (
-    Progress,
-    latest_checkpoint,
-    prune_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
-)
+from sdatom.checkpoint import Progress, find_resume, prune_checkpoints, save_checkpoint
 from sdatom.config import MIXED_PRECISION, TrainConfig, dump_config
-from sdatom.errors import CheckpointError, ConfigError, Interrupted, TrainingError, UsageError
-from sdatom.fileio import atomic_path, atomic_write_text
+from sdatom.errors import ConfigError, Interrupted, TrainingError, UsageError
+from sdatom.fileio import atomic_write_text
 from sdatom.methods import Method, get_method
 from sdatom.runs import SUMMARY_FILE
+from sdatom.stopping import StopSignals, step_status
 
 logger = logging.getLogger(__name__)
-
-# Config fields that may differ between a run and its resumption (they change no result).
-# Schedules whose learning rate at a step does not depend on the total number of steps.
-STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
-RESUMABLE_CHANGES = {
-    "steps",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "validation_every",
-    "report_to",
-    "device",
-    "ddp_timeout",
-}
-
 
 # ----------------------------------------------------------------------------- the plan
 
@@ -241,43 +220,6 @@ class TrainResult:
     main_process: bool = True  # False on the other processes of a multi-process run
 
 
-class _Interrupt:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag checked between steps (save,
-    then exit cleanly). SIGTERM is what SLURM, Kubernetes and ``timeout`` send before a kill.
-
-    A second signal stops at once, except under a launcher (torchrun forwards the signal it
-    got to every worker, so one Ctrl-C may arrive twice): there the flag is all that counts.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.terminated = False  # the first signal was SIGTERM
-        self._previous: dict[int, Any] = {}
-        self._launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handler
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            if self._launched:
-                return
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.requested = True
-        self.terminated = signum == signal.SIGTERM
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
 def make_accelerator(config: TrainConfig, output: Path):
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.state import AcceleratorState, GradientState
@@ -332,13 +274,7 @@ def train(
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from sdatom.data import (
-        DreamBoothDataset,
-        Encoders,
-        EpochSampler,
-        class_images,
-        collate_dreambooth,
-    )
+    from sdatom.data import Encoders, class_images
     from sdatom.models import enable_xformers, load_pipeline
 
     subject_images = check_run(config, resume=resume, overwrite=overwrite)
@@ -357,7 +293,7 @@ def train(
         native_resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
     )
     c, method, weight_dtype = plan.config, plan.method, plan.weight_dtype
-    checkpoint = _find_resume(plan, resume)
+    checkpoint = find_resume(plan.config, plan.output, resume)
     if accelerator.is_main_process:
         if overwrite and resume is None and plan.output.exists():
             shutil.rmtree(plan.output)
@@ -385,23 +321,7 @@ def train(
     trainable_count = method.count(params)
 
     # -- data
-    dataset = DreamBoothDataset(
-        list(plan.subject_images),
-        token=c.token,
-        class_name=c.class_name,
-        resolution=c.resolution,
-        class_images=images,
-        center_crop=c.center_crop,
-        hflip_prob=c.hflip,
-        seed=c.seed,
-    )
-    sampler = EpochSampler(len(dataset), c.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=c.batch_size,
-        sampler=sampler,
-        collate_fn=lambda ex: collate_dreambooth(ex, dataset.with_prior),
-    )
+    dataset, sampler, loader = _data(plan, images)
     encoders = Encoders(pipe, accelerator.device, weight_dtype, c.cache_latents)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -443,7 +363,7 @@ def train(
     last_loss = float("nan")
     unet.train()
     try:
-        with _Interrupt() as interrupt:
+        with StopSignals() as interrupt:
             for epoch in range(progress.epoch, num_epochs):
                 if step >= c.steps:
                     break
@@ -471,7 +391,7 @@ def train(
                             step,
                             micro,
                         )
-                        status = _check_status(loss, interrupt, accelerator)
+                        status = step_status(loss, interrupt, accelerator)
                         if status["nonfinite"]:
                             _stop_on_nonfinite(plan, step)
                         accelerator.backward(loss)
@@ -515,24 +435,16 @@ def train(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter = method.save(accelerator.unwrap_model(unet), plan.output, c, pipe)
-        summary = {
-            "method": c.method,
-            "preset": method.preset(c),
-            "model": c.model,
-            "trainable_params": trainable_count,
-            "adapter_bytes": _size(adapter),
-            "train_seconds": round(train_seconds, 3),
-            "seconds_per_step": round(train_seconds / max(1, step - progress.step), 4),
-            "steps": step,
-            "final_loss": last_loss,
-            "token": c.token,
-            "class_name": c.class_name,
-            "subject": str(c.subject),
-            "processes": accelerator.num_processes,
-            "mixed_precision": c.mixed_precision,
-            "sdatom_version": __version__,
-        }
-        atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))
+        summary = _write_summary(
+            plan,
+            trainable_params=trainable_count,
+            adapter_bytes=_size(adapter),
+            train_seconds=round(train_seconds, 3),
+            seconds_per_step=round(train_seconds / max(1, step - progress.step), 4),
+            steps=step,
+            final_loss=last_loss,
+            processes=accelerator.num_processes,
+        )
     else:  # other processes report the same run without writing it
         adapter, summary = plan.output / method.result_name, {}
     accelerator.end_training()
@@ -547,6 +459,49 @@ def train(
         unet=accelerator.unwrap_model(unet),
         main_process=accelerator.is_main_process,
     )
+
+
+def _data(plan: RunPlan, class_images: list[Path] | None):
+    """The dataset, its resumable order and the loader (accelerate shards it later)."""
+    from sdatom.data import DreamBoothDataset, EpochSampler, collate_dreambooth
+
+    c = plan.config
+    dataset = DreamBoothDataset(
+        list(plan.subject_images),
+        token=c.token,
+        class_name=c.class_name,
+        resolution=c.resolution,
+        class_images=class_images,
+        center_crop=c.center_crop,
+        hflip_prob=c.hflip,
+        seed=c.seed,
+    )
+    sampler = EpochSampler(len(dataset), c.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=c.batch_size,
+        sampler=sampler,
+        collate_fn=lambda ex: collate_dreambooth(ex, dataset.with_prior),
+    )
+    return dataset, sampler, loader
+
+
+def _write_summary(plan: RunPlan, **measured: Any) -> dict[str, Any]:
+    """Write ``train_summary.json``: what ran (from the plan) and what it measured."""
+    c = plan.config
+    summary = {
+        "method": c.method,
+        "preset": plan.method.preset(c),
+        "model": c.model,
+        **measured,
+        "token": c.token,
+        "class_name": c.class_name,
+        "subject": str(c.subject),
+        "mixed_precision": c.mixed_precision,
+        "sdatom_version": __version__,
+    }
+    atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))
+    return summary
 
 
 def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step, micro):
@@ -571,25 +526,6 @@ def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step,
         c,
         pipe.vae.config.scaling_factor,
     )
-
-
-def _check_status(loss: torch.Tensor, interrupt: _Interrupt, accelerator) -> dict[str, bool]:
-    """One collective per step: did any process see a non-finite loss, a Ctrl-C or a SIGTERM?
-    Every process then stops at the same step."""
-    flags = torch.tensor(
-        [
-            float(not torch.isfinite(loss.detach()).item()),
-            float(interrupt.requested),
-            float(interrupt.terminated),
-        ],
-        device=accelerator.device,
-    )
-    flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
-    return {
-        "nonfinite": bool(flags[0] > 0),
-        "interrupted": bool(flags[1] > 0),
-        "terminated": bool(flags[2] > 0),
-    }
 
 
 def _stop_on_nonfinite(plan: RunPlan, step: int) -> None:
@@ -627,65 +563,12 @@ def _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, progress:
     return folder
 
 
-def _find_resume(plan: RunPlan, resume: str | None):
-    if resume is None:
-        return None
-    path = latest_checkpoint(plan.output) if resume == "latest" else Path(resume)
-    checkpoint = read_checkpoint(path)
-    saved = TrainConfig.from_dict(checkpoint.config, source=f"{path}/state.json")
-    differs = [
-        k
-        for k, v in plan.config.to_dict().items()
-        if k not in RESUMABLE_CHANGES and saved.to_dict().get(k) != v
-    ]
-    if differs:
-        raise CheckpointError(
-            f"--resume {path}: the checkpoint was made with different {', '.join(differs)}; "
-            "resume with the options of the original run"
-        )
-    c = plan.config
-    if saved.steps != c.steps and c.lr_scheduler not in STEP_FREE_SCHEDULES:
-        # The schedule's shape depends on the total: a new total would make the LR jump.
-        raise CheckpointError(
-            f"--resume {path}: --steps {c.steps} differs from the run's {saved.steps}, and the "
-            f"{c.lr_scheduler!r} schedule depends on the total, so its learning rate would jump; "
-            f"resume with --steps {saved.steps} (only constant schedules can change --steps)"
-        )
-    return checkpoint
-
-
-@torch.no_grad()
 def validate(pipe: Any, unet: torch.nn.Module, plan: RunPlan, accelerator, step: int) -> None:
-    """Sample the validation prompts with fixed seeds into ``samples/step-N/``.
+    """Sample the validation prompts into ``samples/step-N/`` and show them in the trackers."""
+    from sdatom.sample import validation_samples
 
-    The images are shared out across processes (image i on process i % N), so every
-    process works and none waits long on another.
-    """
-    c = plan.config
     folder = plan.output / "samples" / f"step-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    was_training = unet.training
-    unet.eval()
-    jobs = [(p, i) for p, _ in enumerate(c.validation_prompts) for i in range(c.validation_images)]
-    original_unet = pipe.unet
-    pipe.unet = unet
-    try:
-        for k in range(accelerator.process_index, len(jobs), accelerator.num_processes):
-            p, i = jobs[k]
-            with accelerator.autocast():
-                image = pipe(
-                    c.validation_prompts[p],
-                    num_inference_steps=c.validation_steps,
-                    height=c.resolution,
-                    width=c.resolution,
-                    generator=torch.Generator(device="cpu").manual_seed(c.seed + i),
-                ).images[0]
-            with atomic_path(folder / f"p{p:03d}-i{i:02d}.png") as tmp:
-                image.save(tmp, format="PNG")
-    finally:
-        pipe.unet = original_unet
-        unet.train(was_training)
-    accelerator.wait_for_everyone()
+    validation_samples(pipe, unet, plan.config, folder, accelerator)
     if accelerator.is_main_process:
         logger.info("step %d: validation samples in %s", step, folder)
         _log_images(accelerator, folder, step)
