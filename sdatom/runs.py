@@ -86,15 +86,9 @@ def read_run(run_dir: str | os.PathLike, *, need: str = "adapter") -> Run:
     """
     path = Path(run_dir)
     if need == "summary":
-        return _read_summary_run(path)
-    if not path.is_dir():
-        raise UsageError(f"--run {path}: no such folder; pass a folder runs/<name> of sdatom train")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise UsageError(
-            f"--run {path} is not an sdatom run folder (no {CONFIG_FILE}); pass a folder "
-            "written by `sdatom train`"
-        )
+        summary = read_json_object(_run_file(path, SUMMARY_FILE), "re-run `sdatom train`")
+        return Run(path, {}, str(summary.get("method")), None, summary=summary)
+    config_path = _run_file(path, CONFIG_FILE)
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -116,17 +110,19 @@ def read_run(run_dir: str | os.PathLike, *, need: str = "adapter") -> Run:
     return Run(path=path, config=config, method=name, adapter=adapter, summary=summary)
 
 
-def _read_summary_run(path: Path) -> Run:
+def _run_file(path: Path, name: str) -> Path:
+    """``path / name``, or UsageError when ``path`` is not a run folder holding it."""
     if not path.is_dir():
-        raise UsageError(f"run folder {path} does not exist: pass folders under runs/")
-    summary_file = path / SUMMARY_FILE
-    if not summary_file.is_file():
         raise UsageError(
-            f"run {path.name} ({path}) has no {SUMMARY_FILE}: pass a run folder "
+            f"run folder {path} does not exist (no such folder): pass a folder runs/<name> "
             "written by `sdatom train`"
         )
-    summary = read_json_object(summary_file, "re-run `sdatom train`")
-    return Run(path, {}, str(summary.get("method")), None, summary=summary)
+    if not (path / name).is_file():
+        raise UsageError(
+            f"{path} is not an sdatom run folder (no {name}): pass a folder written by "
+            "`sdatom train`"
+        )
+    return path / name
 
 
 def find_run(*folders: Path) -> Run | None:

@@ -1,7 +1,9 @@
 """DreamBooth-style training of filter atoms (or LoRA / full fine-tuning baselines).
 
-Reads top to bottom: plan the run, build the model with its adapter, prepare the data (class
-images, latents, prompt embeddings), then one accelerate loop with resumable checkpoints.
+Reads top to bottom: check the run before loading anything, plan it (every derived value once,
+in :class:`RunPlan`), build the model with the method's trainable parameters, prepare the data,
+then one accelerate loop with resumable checkpoints. What a method does lives in
+``sdatom.methods``, the data pieces in ``sdatom.data``, resume checks in ``sdatom.checkpoint``.
 Runs unchanged under ``accelerate launch`` on any number of processes: the adapter's
 parameters are real submodules of the UNet that accelerate wraps, so their gradients are
 synchronised, and only the main process writes files.
@@ -29,7 +31,7 @@ from sdatom.config import MIXED_PRECISION, TrainConfig, dump_config
 from sdatom.errors import ConfigError, Interrupted, TrainingError, UsageError
 from sdatom.fileio import atomic_write_text
 from sdatom.methods import Method, get_method
-from sdatom.runs import SUMMARY_FILE
+from sdatom.runs import CONFIG_FILE, SUMMARY_FILE
 from sdatom.stopping import StopSignals, step_status
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ def check_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> tu
     subject_images = tuple(find_images(config.subject))
     output = _output_of(config)
     finished = (output / SUMMARY_FILE).is_file()
-    started = (output / "config.yaml").is_file()
+    started = (output / CONFIG_FILE).is_file()
     if resume is None and (finished or started) and not overwrite:
         if finished:
             what, hint = "a finished run", ""
@@ -298,7 +300,7 @@ def train(
         if overwrite and resume is None and plan.output.exists():
             shutil.rmtree(plan.output)
         plan.output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(plan.output / "config.yaml", dump_config(c))
+        atomic_write_text(plan.output / CONFIG_FILE, dump_config(c))
     accelerator.wait_for_everyone()
 
     # -- build: the base model, frozen, with the method's trainable parameters
