@@ -144,6 +144,7 @@ def _fixed_batch_loss(unet, pipe, resolution):
     return torch.stack(losses).mean().item()
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, tiny_dir):
     from sdatom.models import load_pipeline
 
