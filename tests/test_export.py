@@ -98,6 +98,7 @@ def test_lora_run_exports_fused_weights(tiny_dir, tmp_path):
     np.testing.assert_allclose(_arrays(load_pipeline(str(out))), reference, atol=ATOL_FP32, rtol=0)
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_single_file_round_trip(atoms_run, adapted, tiny_dir, tmp_path):
     from sdatom.models import load_pipeline
 

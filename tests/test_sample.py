@@ -150,6 +150,7 @@ def test_merged_and_unmerged_lora_give_the_same_images(tiny_dir, tmp_path):
     np.testing.assert_allclose(fused, live, atol=ATOL_FP32, rtol=0)
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_run_sampling_adapted_and_base_use_the_same_seeds(atoms_run):
     common = {"run": atoms_run, "prompts": ["a sks dog"], "n": 2, "device": "cpu", **FAST}
     adapted = run_sampling(**common)
