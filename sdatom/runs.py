@@ -26,6 +26,7 @@ __all__ = [
     "METHODS",
     "SUMMARY_FILE",
     "Run",
+    "as_run",
     "find_run",
     "load_run_pipeline",
     "read_run",
@@ -110,6 +111,11 @@ def read_run(run_dir: str | os.PathLike, *, need: str = "adapter") -> Run:
     return Run(path=path, config=config, method=name, adapter=adapter, summary=summary)
 
 
+def as_run(run: str | os.PathLike | Run) -> Run:
+    """``run`` itself when it is already a :class:`Run`, else the finished run it names."""
+    return run if isinstance(run, Run) else read_run(run)
+
+
 def _run_file(path: Path, name: str) -> Path:
     """``path / name``, or UsageError when ``path`` is not a run folder holding it."""
     if not path.is_dir():
@@ -174,7 +180,7 @@ def load_run_pipeline(
     """
     from sdatom.models import load_pipeline
 
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
+    run = as_run(run_dir)
     spec = model or run.model
     if not spec:
         raise ConfigError(
