@@ -411,6 +411,7 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--eval-n", type=int, default=100, help="samples per curve point")
+    ap.add_argument("--quality", default="QUALITY.md", help="where --stage report writes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override the stage's step count")
     args = ap.parse_args()
@@ -429,10 +430,91 @@ def main() -> None:
         train_unet(work, args.save_every, args.eval_every, args.eval_n)
     elif args.stage == "export":
         export(work, Path(args.out))
+    elif args.stage == "report":
+        write_quality_section(work, Path(args.quality))
     else:
         report = evaluate_shipped(args.eval_n)
         atomic_write_text(work / "report.json", json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
+
+
+START, END = "<!-- pretrain_toy: start -->", "<!-- pretrain_toy: end -->"
+TARGETS = (  # (label, where in report.json, target)
+    ("background", ("base_model", "held_in", "background"), 0.98),
+    ("appearance (solid)", ("base_model", "held_in", "appearance_solid"), 0.95),
+    ("appearance (two-tone)", ("base_model", "held_in", "appearance_two_tone"), 0.95),
+    ("shape", ("base_model", "held_in", "shape"), 0.95),
+    ("position (prompted)", ("base_model", "held_in", "position"), 0.90),
+    ("held-out (colour, shape) pairs: shape", ("base_model", "held_out_pairs", "shape"), 0.85),
+    ("VAE reconstructions: PSNR (dB)", ("vae", "psnr_db"), 30.0),
+    ("VAE reconstructions: oracle right", ("vae", "oracle_on_reconstructions"), 1.0),
+    (
+        "toy CLIP: right background caption first (held-out)",
+        ("toy_clip", "background_rank1_held_out"),
+        0.90,
+    ),
+)
+
+
+def write_quality_section(work: Path, path: Path) -> None:
+    """The pretraining curve and the base-model targets, as a QUALITY.md section."""
+    report = json.loads((work / "report.json").read_text())
+    rows = [json.loads(line) for line in (work / "curve.jsonl").read_text().splitlines()]
+    log_lines = (work / "log.txt").read_text().splitlines()
+    lines = [
+        "## The toy model: pretraining",
+        "",
+        "`python scripts/pretrain_toy.py --stage vae`, then `clip`, `attrnet`, `unet` (each",
+        "resumable, in the background), `--stage export`, `--stage eval --eval-n 400`,",
+        "`--stage report`. This 2-core CPU, no GPU, one core per stage (vae then unet on one,",
+        "clip then attrnet on the other). Stage steps: "
+        + ", ".join(f"{k} {v}" for k, v in STEPS.items())
+        + ".",
+        "",
+        "Curve (EMA weights; 100 held-in prompts, DDIM 25 steps, CFG 5; oracle accuracy):",
+        "",
+        "| UNet step | background | shape | appearance solid | two-tone | position | "
+        "held-out pairs: shape |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        h, o = r["held_in"], r.get("held_out_pairs", {})
+        lines.append(
+            f"| {r['step']} | {h['background']:.2f} | {h['shape']:.2f} | "
+            f"{h['appearance_solid']:.2f} | {h['appearance_two_tone']:.2f} | "
+            f"{h['position']:.2f} | {o.get('shape', float('nan')):.2f} |"
+        )
+    base = report["base_model"]
+    lines += [
+        "",
+        f"The shipped model (`--stage eval`: {base['n']} held-in prompts and "
+        f"{report['vae']['n']} VAE pictures, DDIM {base['steps']} steps, CFG {base['guidance']},"
+        " sdatom sample's defaults):",
+        "",
+        "| target | reached | wanted | met |",
+        "|---|---:|---:|---|",
+    ]
+    for label, keys, want in TARGETS:
+        value = report
+        for k in keys:
+            value = value[k]
+        lines.append(f"| {label} | {value:.3f} | {want:g} | {'yes' if value >= want else 'no'} |")
+    net = report["toy_attrnet"]
+    lines += [
+        "",
+        "Toy attribute net (the DINO slot) on fresh pictures: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in net.items())
+        + ".",
+        f"Log: {len(log_lines)} lines; first {log_lines[0][:8]}, last {log_lines[-1][:8]}.",
+        "",
+    ]
+    text = "\n".join([START, *lines, END])
+    old = path.read_text() if path.is_file() else ""
+    if START in old and END in old:
+        text = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
+    elif old:
+        text = old.rstrip() + "\n\n" + text + "\n"
+    path.write_text(text if text.endswith("\n") else text + "\n")
 
 
 @torch.no_grad()

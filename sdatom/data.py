@@ -538,9 +538,12 @@ def class_image_cache_dir(
     *,
     steps: int | None = None,
     precision: str = "fp32",
+    weights: str | None = None,
 ) -> Path:
     """Folder where the class images for (model, prompt, resolution, denoising ``steps``,
-    ``precision``) are cached.
+    ``precision``) are cached. ``weights`` is a fingerprint of the model's UNet weights where
+    one can be taken (a local folder, ``toy``): retrained weights at the same path or name
+    never reuse images of the old ones.
 
     ``<sdatom cache>/class_images/<hash>`` (``$SDATOM_CACHE``, else
     ``$XDG_CACHE_HOME/sdatom`` or ``~/.cache/sdatom``). ``count`` is
@@ -559,6 +562,7 @@ def class_image_cache_dir(
             "resolution": int(resolution),
             "steps": steps,
             "precision": precision,
+            **({"weights": weights} if weights else {}),
         },
         sort_keys=True,
     )
@@ -618,6 +622,8 @@ def class_images(
         return None
     if c.class_dir:
         return find_images(c.class_dir)[: c.num_class_images]
+    from sdatom.models import weights_fingerprint
+
     prompt = class_prompt(c.class_name)
     precision = class_image_precision(accelerator)
     folder = class_image_cache_dir(
@@ -627,6 +633,7 @@ def class_images(
         c.resolution,
         steps=c.class_sample_steps,
         precision=precision,
+        weights=weights_fingerprint(c.model),
     )
     cached = list_cached_class_images(folder, c.num_class_images)
     if cached is not None:

@@ -329,6 +329,31 @@ def shipped_model_dir(spec: str) -> Path:
     return TOY_MODEL_DIR
 
 
+def weights_fingerprint(spec: str | None) -> str | None:
+    """A cheap fingerprint of a local model's UNet weights (size and first/last MiB), or None
+    for hub ids and built random models (whose weights a name already fixes)."""
+    if not spec or spec in BUILT_SPECS:
+        return None
+    path = shipped_model_dir(spec) if spec in SHIPPED_SPECS else Path(spec)
+    if path.is_dir():
+        files = sorted((path / "unet").glob("*.safetensors")) or sorted(
+            (path / "unet").glob("*.bin")
+        )
+    else:
+        files = [path] if path.is_file() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
 def _architecture(spec: str) -> Architecture:
     if spec not in ARCHITECTURES:
         raise ModelLoadError(f"unknown built model {spec!r}: use one of {', '.join(BUILT_SPECS)}")

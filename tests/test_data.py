@@ -597,6 +597,10 @@ def test_class_image_cache_dir_is_stable_and_keyed(tmp_path, monkeypatch):
     assert steps30 != class_image_cache_dir(
         "runwayml/sd15", "a photo of dog", 100, 512, steps=30, precision="fp16"
     )
+    # retrained weights under the same name are another model
+    assert steps30 != class_image_cache_dir(
+        "runwayml/sd15", "a photo of dog", 100, 512, steps=30, weights="abc"
+    )
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     home = class_image_cache_dir("runwayml/sd15", "a photo of dog", 100, 512)
@@ -645,3 +649,16 @@ def test_dreambench_subject_loads():
     ds = DreamBoothDataset(dreambench / "dog", token="sks", class_name="dog", resolution=32)
     assert len(ds) >= 3
     assert ds[0]["instance_pixels"].shape == (3, 32, 32)
+
+
+def test_weights_fingerprint_changes_when_a_local_model_is_retrained(tmp_path):
+    from sdatom.models import weights_fingerprint
+
+    unet = tmp_path / "model" / "unet"
+    unet.mkdir(parents=True)
+    (unet / "diffusion_pytorch_model.safetensors").write_bytes(b"a" * 5000)
+    first = weights_fingerprint(str(tmp_path / "model"))
+    assert first is not None and first == weights_fingerprint(str(tmp_path / "model"))
+    (unet / "diffusion_pytorch_model.safetensors").write_bytes(b"b" * 5000)
+    assert weights_fingerprint(str(tmp_path / "model")) != first
+    assert weights_fingerprint("some/hub-id") is None and weights_fingerprint("tiny") is None
