@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Tests and the demo run torch on one thread: small ops collapse when threads fight for 2 cores.
 RUN_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-fast demo lint clean
 
 $(BIN)/sdatom: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(BIN)/sdatom: pyproject.toml
 
 install: $(BIN)/sdatom
 
+# The full suite (CI): slow tests included.
 test: $(BIN)/sdatom
 	$(RUN_ENV) $(BIN)/python -m pytest -q
+
+# The edit loop (about 2 minutes on 2 cores): everything but the tests marked slow.
+test-fast: $(BIN)/sdatom
+	$(RUN_ENV) $(BIN)/python -m pytest -q -m 'not slow'
 
 demo: $(BIN)/sdatom
 	$(RUN_ENV) bash scripts/demo.sh

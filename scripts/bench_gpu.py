@@ -37,8 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from sdatom.atoms import merge_atoms, unmerge_atoms  # noqa: E402
 from sdatom.config import TrainConfig  # noqa: E402
+from sdatom.methods import get_method  # noqa: E402
 from sdatom.models import build_unet  # noqa: E402
-from sdatom.train import add_adapter  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 METHODS = {"frozen": None, "atoms": "atoms", "atoms-attn": "atoms-attn", "lora": None}
@@ -78,7 +78,7 @@ def prepared_unet(spec: str, method: str, dtype: torch.dtype, device: torch.devi
         method="lora" if method == "lora" else "atoms",
         preset=METHODS.get(method) or "atoms",
     )
-    params = [] if method == "frozen" else add_adapter(unet, config)
+    params = [] if method == "frozen" else get_method(config.method).add(unet, config)
     for p in unet.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)

@@ -31,6 +31,19 @@ from safetensors.torch import load_file, save_file
 from sdatom.errors import CheckpointError, TrainingError
 from sdatom.fileio import _fsync_dir
 
+# Schedules whose learning rate at a step does not depend on the total number of steps.
+STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+# Config fields that may differ between a run and its resumption (they change no result).
+RESUMABLE_CHANGES = {
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "validation_every",
+    "report_to",
+    "device",
+    "ddp_timeout",
+}
+
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -262,3 +275,38 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
         for stale in [*root.glob(".*.tmp*"), *root.glob(".*.old*")]:
             shutil.rmtree(stale, ignore_errors=True)
     return removed
+
+
+def find_resume(config: Any, output: Path, resume: str | None) -> Checkpoint | None:
+    """The checkpoint ``--resume`` names (``"latest"`` or a folder) for the run ``config``
+    (its resolved TrainConfig) in ``output``; None without ``resume``.
+
+    Raises CheckpointError when the checkpoint was made with options that change the result,
+    or with another ``--steps`` under a schedule that depends on the total.
+    """
+    from sdatom.config import TrainConfig
+
+    if resume is None:
+        return None
+    path = latest_checkpoint(output) if resume == "latest" else Path(resume)
+    checkpoint = read_checkpoint(path)
+    saved = TrainConfig.from_dict(checkpoint.config, source=f"{path}/state.json")
+    differs = [
+        k
+        for k, v in config.to_dict().items()
+        if k not in RESUMABLE_CHANGES and saved.to_dict().get(k) != v
+    ]
+    if differs:
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint was made with different {', '.join(differs)}; "
+            "resume with the options of the original run"
+        )
+    c = config
+    if saved.steps != c.steps and c.lr_scheduler not in STEP_FREE_SCHEDULES:
+        # The schedule's shape depends on the total: a new total would make the LR jump.
+        raise CheckpointError(
+            f"--resume {path}: --steps {c.steps} differs from the run's {saved.steps}, and the "
+            f"{c.lr_scheduler!r} schedule depends on the total, so its learning rate would jump; "
+            f"resume with --steps {saved.steps} (only constant schedules can change --steps)"
+        )
+    return checkpoint

@@ -130,7 +130,7 @@ def inspect(
     typer.echo(json.dumps(report, indent=2) if as_json else format_inspection(report))
 
 
-def _opt(name: str, *flags: str, **kw):
+def _field_option(name: str, *flags: str, **kw):
     """A Typer option whose help is the TrainConfig field's (documented once)."""
     from sdatom.config import field_help
 
@@ -139,54 +139,70 @@ def _opt(name: str, *flags: str, **kw):
 
 @command
 def train(
-    subject: Annotated[str | None, _opt("subject", "--subject", "-s")] = None,
-    class_name: Annotated[str | None, _opt("class_name", "--class-name", "-c")] = None,
+    subject: Annotated[str | None, _field_option("subject", "--subject", "-s")] = None,
+    class_name: Annotated[str | None, _field_option("class_name", "--class-name", "-c")] = None,
     model: ModelOpt = None,
-    model_config: Annotated[str | None, _opt("model_config", "--model-config")] = None,
-    output: Annotated[str | None, _opt("output", "--output", "-o")] = None,
-    method: Annotated[str | None, _opt("method", "--method")] = None,
+    model_config: Annotated[str | None, _field_option("model_config", "--model-config")] = None,
+    output: Annotated[str | None, _field_option("output", "--output", "-o")] = None,
+    method: Annotated[str | None, _field_option("method", "--method")] = None,
     preset: PresetOpt = None,
-    token: Annotated[str | None, _opt("token", "--token")] = None,
-    steps: Annotated[int | None, _opt("steps", "--steps")] = None,
-    resolution: Annotated[int | None, _opt("resolution", "--resolution")] = None,
-    batch_size: Annotated[int | None, _opt("batch_size", "--batch-size")] = None,
-    grad_accum: Annotated[int | None, _opt("grad_accum", "--grad-accum")] = None,
-    lr: Annotated[float | None, _opt("lr", "--lr")] = None,
-    lr_scheduler: Annotated[str | None, _opt("lr_scheduler", "--lr-scheduler")] = None,
-    lr_warmup_steps: Annotated[int | None, _opt("lr_warmup_steps", "--lr-warmup-steps")] = None,
-    seed: Annotated[int | None, _opt("seed", "--seed")] = None,
-    prior: Annotated[bool | None, _opt("prior", "--prior/--no-prior")] = None,
-    class_dir: Annotated[str | None, _opt("class_dir", "--class-dir")] = None,
-    num_class_images: Annotated[int | None, _opt("num_class_images", "--num-class-images")] = None,
+    token: Annotated[str | None, _field_option("token", "--token")] = None,
+    steps: Annotated[int | None, _field_option("steps", "--steps")] = None,
+    resolution: Annotated[int | None, _field_option("resolution", "--resolution")] = None,
+    batch_size: Annotated[int | None, _field_option("batch_size", "--batch-size")] = None,
+    grad_accum: Annotated[int | None, _field_option("grad_accum", "--grad-accum")] = None,
+    lr: Annotated[float | None, _field_option("lr", "--lr")] = None,
+    lr_scheduler: Annotated[str | None, _field_option("lr_scheduler", "--lr-scheduler")] = None,
+    lr_warmup_steps: Annotated[
+        int | None, _field_option("lr_warmup_steps", "--lr-warmup-steps")
+    ] = None,
+    seed: Annotated[int | None, _field_option("seed", "--seed")] = None,
+    prior: Annotated[bool | None, _field_option("prior", "--prior/--no-prior")] = None,
+    class_dir: Annotated[str | None, _field_option("class_dir", "--class-dir")] = None,
+    num_class_images: Annotated[
+        int | None, _field_option("num_class_images", "--num-class-images")
+    ] = None,
     class_sample_steps: Annotated[
-        int | None, _opt("class_sample_steps", "--class-sample-steps")
+        int | None, _field_option("class_sample_steps", "--class-sample-steps")
     ] = None,
     prior_loss_weight: Annotated[
-        float | None, _opt("prior_loss_weight", "--prior-loss-weight")
+        float | None, _field_option("prior_loss_weight", "--prior-loss-weight")
     ] = None,
-    center_crop: Annotated[bool | None, _opt("center_crop", "--center-crop/--random-crop")] = None,
-    hflip: Annotated[float | None, _opt("hflip", "--hflip")] = None,
-    mixed_precision: Annotated[str | None, _opt("mixed_precision", "--mixed-precision")] = None,
+    center_crop: Annotated[
+        bool | None, _field_option("center_crop", "--center-crop/--random-crop")
+    ] = None,
+    hflip: Annotated[float | None, _field_option("hflip", "--hflip")] = None,
+    mixed_precision: Annotated[
+        str | None, _field_option("mixed_precision", "--mixed-precision")
+    ] = None,
     gradient_checkpointing: Annotated[
-        bool | None, _opt("gradient_checkpointing", "--gradient-checkpointing")
+        bool | None, _field_option("gradient_checkpointing", "--gradient-checkpointing")
     ] = None,
     cache_latents: Annotated[
-        bool | None, _opt("cache_latents", "--cache-latents/--no-cache-latents")
+        bool | None, _field_option("cache_latents", "--cache-latents/--no-cache-latents")
     ] = None,
-    snr_gamma: Annotated[float | None, _opt("snr_gamma", "--snr-gamma")] = None,
-    noise_offset: Annotated[float | None, _opt("noise_offset", "--noise-offset")] = None,
-    max_grad_norm: Annotated[float | None, _opt("max_grad_norm", "--max-grad-norm")] = None,
-    use_8bit_adam: Annotated[bool | None, _opt("use_8bit_adam", "--use-8bit-adam")] = None,
-    lora_rank: Annotated[int | None, _opt("lora_rank", "--lora-rank")] = None,
+    snr_gamma: Annotated[float | None, _field_option("snr_gamma", "--snr-gamma")] = None,
+    noise_offset: Annotated[float | None, _field_option("noise_offset", "--noise-offset")] = None,
+    max_grad_norm: Annotated[
+        float | None, _field_option("max_grad_norm", "--max-grad-norm")
+    ] = None,
+    use_8bit_adam: Annotated[bool | None, _field_option("use_8bit_adam", "--use-8bit-adam")] = None,
+    lora_rank: Annotated[int | None, _field_option("lora_rank", "--lora-rank")] = None,
     validation_prompt: Annotated[
-        list[str] | None, _opt("validation_prompts", "--validation-prompt")
+        list[str] | None, _field_option("validation_prompts", "--validation-prompt")
     ] = None,
-    validation_every: Annotated[int | None, _opt("validation_every", "--validation-every")] = None,
-    checkpoint_every: Annotated[int | None, _opt("checkpoint_every", "--checkpoint-every")] = None,
-    keep_checkpoints: Annotated[int | None, _opt("keep_checkpoints", "--keep-checkpoints")] = None,
-    report_to: Annotated[str | None, _opt("report_to", "--report-to")] = None,
-    xformers: Annotated[bool | None, _opt("xformers", "--xformers")] = None,
-    device: Annotated[str | None, _opt("device", "--device")] = None,
+    validation_every: Annotated[
+        int | None, _field_option("validation_every", "--validation-every")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, _field_option("checkpoint_every", "--checkpoint-every")
+    ] = None,
+    keep_checkpoints: Annotated[
+        int | None, _field_option("keep_checkpoints", "--keep-checkpoints")
+    ] = None,
+    report_to: Annotated[str | None, _field_option("report_to", "--report-to")] = None,
+    xformers: Annotated[bool | None, _field_option("xformers", "--xformers")] = None,
+    device: Annotated[str | None, _field_option("device", "--device")] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML file of options; the CLI overrides it.")
     ] = None,
@@ -199,12 +215,51 @@ def train(
     ] = False,
 ) -> None:
     """Train atoms (or a LoRA / full baseline) on a folder of subject photos."""
-    options = {k: v for k, v in locals().items() if k not in ("config", "resume", "overwrite")}
     from sdatom.config import build_config
     from sdatom.train import train as run_training
 
-    options["validation_prompts"] = options.pop("validation_prompt") or None
-    result = run_training(build_config(config, **options), resume=resume, overwrite=overwrite)
+    train_config = build_config(
+        config,
+        subject=subject,
+        class_name=class_name,
+        model=model,
+        model_config=model_config,
+        output=output,
+        method=method,
+        preset=preset,
+        token=token,
+        steps=steps,
+        resolution=resolution,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        lr_scheduler=lr_scheduler,
+        lr_warmup_steps=lr_warmup_steps,
+        seed=seed,
+        prior=prior,
+        class_dir=class_dir,
+        num_class_images=num_class_images,
+        class_sample_steps=class_sample_steps,
+        prior_loss_weight=prior_loss_weight,
+        center_crop=center_crop,
+        hflip=hflip,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+        cache_latents=cache_latents,
+        snr_gamma=snr_gamma,
+        noise_offset=noise_offset,
+        max_grad_norm=max_grad_norm,
+        use_8bit_adam=use_8bit_adam,
+        lora_rank=lora_rank,
+        validation_prompts=tuple(validation_prompt) if validation_prompt else None,
+        validation_every=validation_every,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        report_to=report_to,
+        xformers=xformers,
+        device=device,
+    )
+    result = run_training(train_config, resume=resume, overwrite=overwrite)
     if not result.main_process:  # one report per run, not one per process
         return
     typer.echo(

@@ -18,19 +18,17 @@ from typing import Any
 import yaml
 
 from sdatom import __version__
-from sdatom.errors import ConfigError
+from sdatom.errors import ConfigError, first_line
+from sdatom.methods import METHODS
 
-METHODS = ("atoms", "lora", "full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 REPORT_TO = ("tensorboard", "wandb", "none")
-# Learning rates from the literature, per method: LoRA DreamBooth 1e-4 (diffusers' example),
-# full DreamBooth 5e-6 (diffusers' example), filter atoms 1e-4 (the LoCA benchmark's setting).
-DEFAULT_LR = {"atoms": 1e-4, "lora": 1e-4, "full": 5e-6}
 CONFIG_FORMAT = "sdatom-train-config/1"
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field whose help text is stored once, in its metadata."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -39,74 +37,78 @@ class TrainConfig:
     """All settings of a DreamBooth-style training run (see each field's ``help``)."""
 
     # What to train on
-    subject: str | None = _opt(None, "Folder of subject photos (3-5 photos is typical).")
-    class_name: str | None = _opt(None, "The subject's class, e.g. dog (never guessed).")
-    token: str = _opt("sks", "Placeholder token that names the subject in prompts.")
-    model: str | None = _opt(
+    subject: str | None = _field(None, "Folder of subject photos (3-5 photos is typical).")
+    class_name: str | None = _field(None, "The subject's class, e.g. dog (never guessed).")
+    token: str = _field("sks", "Placeholder token that names the subject in prompts.")
+    model: str | None = _field(
         None, "Base model spec (hub id, folder, file, toy, tiny, random:sd15)."
     )
-    model_config: str | None = _opt(
+    model_config: str | None = _field(
         None, "For a single-file --model: the diffusers folder or hub id of its configs."
     )
-    output: str | None = _opt(None, "Run folder. Default: runs/<subject folder name>.")
+    output: str | None = _field(None, "Run folder. Default: runs/<subject folder name>.")
     # Method
-    method: str = _opt("atoms", "What to tune: atoms, lora (peft baseline) or full (DreamBooth).")
-    preset: str = _opt("atoms-attn", "Atom preset: atoms, atoms-paper, atoms-oc, atoms-attn.")
-    atoms: dict | None = _opt(None, "Custom atom config (AtomConfig fields); overrides preset.")
-    lora_rank: int = _opt(4, "LoRA rank (method lora).")
-    lora_targets: tuple[str, ...] = _opt(
+    method: str = _field("atoms", "What to tune: atoms, lora (peft baseline) or full (DreamBooth).")
+    preset: str = _field("atoms-attn", "Atom preset: atoms, atoms-paper, atoms-oc, atoms-attn.")
+    atoms: dict | None = _field(None, "Custom atom config (AtomConfig fields); overrides preset.")
+    lora_rank: int = _field(4, "LoRA rank (method lora).")
+    lora_targets: tuple[str, ...] = _field(
         ("to_k", "to_q", "to_v", "to_out.0"), "LoRA target modules (diffusers' default)."
     )
     # Data
-    resolution: int | None = _opt(
+    resolution: int | None = _field(
         None, "Training resolution in pixels, a multiple of 8. Default: the model's own."
     )
-    center_crop: bool = _opt(True, "Center crop (else random crop).")
-    hflip: float = _opt(0.0, "Probability of a horizontal flip.")
+    center_crop: bool = _field(True, "Center crop (else random crop).")
+    hflip: float = _field(0.0, "Probability of a horizontal flip.")
     # Prior preservation
-    prior: bool = _opt(True, "Prior preservation with class images.")
-    class_dir: str | None = _opt(None, "Folder of class images (else generated and cached).")
-    num_class_images: int | None = _opt(None, "Class images to use. Default: 100, 8 for tiny.")
-    prior_loss_weight: float = _opt(1.0, "Weight of the prior-preservation loss.")
-    class_sample_steps: int | None = _opt(
+    prior: bool = _field(True, "Prior preservation with class images.")
+    class_dir: str | None = _field(None, "Folder of class images (else generated and cached).")
+    num_class_images: int | None = _field(None, "Class images to use. Default: 100, 8 for tiny.")
+    prior_loss_weight: float = _field(1.0, "Weight of the prior-preservation loss.")
+    class_sample_steps: int | None = _field(
         None, "Denoising steps for generated class images. Default: 30, 4 for tiny."
     )
     # Optimisation
-    steps: int = _opt(400, "Optimizer steps.")
-    batch_size: int = _opt(1, "Instance images per process and step.")
-    grad_accum: int = _opt(1, "Gradient accumulation steps.")
-    lr: float | None = _opt(None, "Learning rate. Default per method: atoms/lora 1e-4, full 5e-6.")
-    lr_scheduler: str = _opt("constant", f"One of {', '.join(LR_SCHEDULERS)}.")
-    lr_warmup_steps: int = _opt(0, "Learning-rate warm-up steps.")
-    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay.")
-    use_8bit_adam: bool = _opt(False, "8-bit AdamW (needs bitsandbytes).")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
-    snr_gamma: float | None = _opt(None, "Min-SNR weighting gamma (5.0 is usual; off by default).")
-    noise_offset: float = _opt(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).")
-    seed: int = _opt(0, "Random seed (data order, noise, timesteps).")
+    steps: int = _field(400, "Optimizer steps.")
+    batch_size: int = _field(1, "Instance images per process and step.")
+    grad_accum: int = _field(1, "Gradient accumulation steps.")
+    lr: float | None = _field(
+        None, "Learning rate. Default per method: atoms/lora 1e-4, full 5e-6."
+    )
+    lr_scheduler: str = _field("constant", f"One of {', '.join(LR_SCHEDULERS)}.")
+    lr_warmup_steps: int = _field(0, "Learning-rate warm-up steps.")
+    adam_weight_decay: float = _field(1e-2, "AdamW weight decay.")
+    use_8bit_adam: bool = _field(False, "8-bit AdamW (needs bitsandbytes).")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 = off).")
+    snr_gamma: float | None = _field(
+        None, "Min-SNR weighting gamma (5.0 is usual; off by default)."
+    )
+    noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).")
+    seed: int = _field(0, "Random seed (data order, noise, timesteps).")
     # Speed and memory
-    mixed_precision: str | None = _opt(
+    mixed_precision: str | None = _field(
         None,
         "Mixed precision: no, fp16, bf16. Default: accelerate's own setting (accelerate launch "
         "--mixed_precision, accelerate config, $ACCELERATE_MIXED_PRECISION), else no.",
     )
-    gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet.")
-    cache_latents: bool = _opt(True, "Encode each image with the VAE once.")
-    xformers: bool = _opt(False, "xformers attention (CUDA only; else torch SDPA).")
-    device: str | None = _opt(
+    gradient_checkpointing: bool = _field(False, "Trade compute for memory in the UNet.")
+    cache_latents: bool = _field(True, "Encode each image with the VAE once.")
+    xformers: bool = _field(False, "xformers attention (CUDA only; else torch SDPA).")
+    device: str | None = _field(
         None, "cpu trains on the CPU even when a GPU is visible (GPUs are chosen by accelerate)."
     )
     # Validation, checkpoints, logging
-    validation_prompts: tuple[str, ...] = _opt(
+    validation_prompts: tuple[str, ...] = _field(
         (), "Prompts sampled during training. Default: the instance prompt."
     )
-    validation_every: int = _opt(0, "Sample validation prompts every N steps (0 = off).")
-    validation_images: int = _opt(2, "Images per validation prompt.")
-    validation_steps: int = _opt(25, "Denoising steps of validation samples.")
-    checkpoint_every: int = _opt(100, "Save a resumable checkpoint every N steps (0 = off).")
-    keep_checkpoints: int = _opt(2, "Checkpoints to keep (oldest are deleted).")
-    report_to: str = _opt("tensorboard", "Logger: tensorboard, wandb or none.")
-    ddp_timeout: int = _opt(1800, "Seconds a process waits for the others before giving up.")
+    validation_every: int = _field(0, "Sample validation prompts every N steps (0 = off).")
+    validation_images: int = _field(2, "Images per validation prompt.")
+    validation_steps: int = _field(25, "Denoising steps of validation samples.")
+    checkpoint_every: int = _field(100, "Save a resumable checkpoint every N steps (0 = off).")
+    keep_checkpoints: int = _field(2, "Checkpoints to keep (oldest are deleted).")
+    report_to: str = _field("tensorboard", "Logger: tensorboard, wandb or none.")
+    ddp_timeout: int = _field(1800, "Seconds a process waits for the others before giving up.")
 
     def __post_init__(self) -> None:
         for name in ("lora_targets", "validation_prompts"):
@@ -235,7 +237,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
     TrainConfig.from_dict(data, source=str(path))  # validate here, naming the file

@@ -1,4 +1,5 @@
-"""Subject folders, robust image loading, captions, the DreamBooth dataset, class-image cache.
+"""Subject folders, robust image loading, captions, the DreamBooth dataset, class images
+(generated once and cached), the resumable data order and the encoder cache.
 
 A subject folder holds a few photos of one subject (DreamBooth usually uses 3-5), optionally
 with a caption ``.txt`` beside an image (same stem) that replaces the default prompt
@@ -11,28 +12,38 @@ so a broken photo in the subject folder is an error before training starts, neve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from sdatom.errors import DataError
+from sdatom.fileio import atomic_path
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
     "DreamBoothDataset",
+    "Encoders",
+    "EpochSampler",
     "caption_for",
     "class_image_cache_dir",
     "class_image_path",
+    "class_image_precision",
+    "class_images",
     "class_prompt",
     "collate_dreambooth",
     "find_images",
@@ -581,3 +592,137 @@ def list_cached_class_images(cache_dir: str | os.PathLike, count: int) -> list[P
     if len(done) < count:
         return None
     return done[:count]
+
+
+# ----------------------------------------------------------------------------- class images
+
+
+def class_image_precision(accelerator: Any) -> str:
+    """The precision class images are generated in: the training precision on GPUs (fast, and
+    the images the model is later regularised towards), fp32 on the CPU."""
+    if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("fp16", "bf16"):
+        return accelerator.mixed_precision
+    return "fp32"
+
+
+def class_images(
+    config: Any, pipe: Any, accelerator: Any, progress: bool = True
+) -> list[Path] | None:
+    """Class images for prior preservation: the user's folder, or generated once and cached.
+
+    Generation is split across processes (image i on process i % N), so no process waits on
+    another for long; each image is written atomically, so a killed run never leaves a
+    half-written image that later counts. The cache key holds the model, prompt, resolution,
+    denoising steps and precision.
+    """
+    from sdatom.progress import progress_bar
+
+    c = config  # resolved: num_class_images, class_sample_steps and resolution are set
+    if not c.prior:
+        return None
+    if c.class_dir:
+        return find_images(c.class_dir)[: c.num_class_images]
+    from sdatom.models import weights_fingerprint
+
+    prompt = class_prompt(c.class_name)
+    precision = class_image_precision(accelerator)
+    folder = class_image_cache_dir(
+        c.model,
+        prompt,
+        c.num_class_images,
+        c.resolution,
+        steps=c.class_sample_steps,
+        precision=precision,
+        weights=weights_fingerprint(c.model),
+    )
+    cached = list_cached_class_images(folder, c.num_class_images)
+    if cached is not None:
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    logger.info("generating %d class images for %r", c.num_class_images, prompt)
+    mine = [i for i in range(rank, c.num_class_images, world)]
+    bar = progress_bar(
+        len(mine),
+        "class images",
+        enabled=progress and accelerator.is_local_main_process,
+        unit="img",
+    )
+    autocast = accelerator.autocast() if precision != "fp32" else contextlib.nullcontext()
+    for i in mine:
+        path = class_image_path(folder, i)
+        if not path.is_file():
+            with autocast:
+                image = pipe(
+                    prompt,
+                    num_inference_steps=c.class_sample_steps,
+                    height=c.resolution,
+                    width=c.resolution,
+                    generator=torch.Generator(device="cpu").manual_seed(i),
+                ).images[0]
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+        bar.update(1)
+    bar.close()
+    accelerator.wait_for_everyone()
+    return list_cached_class_images(folder, c.num_class_images)
+
+
+# ----------------------------------------------------------------------------- order and encoding
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffled order that depends only on (seed, epoch): resumable and the same on every
+    process, which lets accelerate shard it."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class Encoders:
+    """The frozen VAE and text encoder, with caches: each image and prompt is encoded once."""
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, cache: bool):
+        self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.device, self.dtype, self.cache = device, dtype, cache
+        self._latents: dict[str, torch.Tensor] = {}
+        self._prompts: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 2·C, h, w): the VAE posterior's mean and log-variance of each image."""
+        out = []
+        for image in pixels:
+            key = hashlib.sha1(image.numpy().tobytes()).hexdigest() if self.cache else None
+            if key is None or key not in self._latents:
+                x = image[None].to(self.device, self.dtype)
+                moments = self.vae.encode(x).latent_dist.parameters.float()
+                if key is None:
+                    out.append(moments)
+                    continue
+                self._latents[key] = moments
+            out.append(self._latents[key])
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def prompts(self, prompts: list[str]) -> torch.Tensor:
+        for p in set(prompts) - self._prompts.keys():
+            ids = self.tokenizer(
+                p,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            self._prompts[p] = self.text_encoder(ids)[0].float()
+        return torch.cat([self._prompts[p] for p in prompts])

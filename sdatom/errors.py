@@ -58,3 +58,10 @@ class Interrupted(SdatomError):
         self.report = report
         if terminated:
             self.exit_code = 143
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's
+    name when it has none: what a one-line error message quotes."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__

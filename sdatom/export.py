@@ -23,8 +23,9 @@ import torch
 
 from sdatom.errors import UsageError
 from sdatom.fileio import atomic_path, atomic_write_text
+from sdatom.methods import get_method
 from sdatom.progress import progress_bar
-from sdatom.runs import Run, load_run_pipeline, read_run
+from sdatom.runs import Run, as_run, load_run_pipeline
 
 __all__ = ["export", "export_merged", "export_single_file", "merged_pipeline", "to_ldm_state_dict"]
 
@@ -39,22 +40,16 @@ def merged_pipeline(run_dir: str | os.PathLike | Run, *, model: str | None = Non
 
     The UNet (and text encoder) hold only plain diffusers/transformers modules afterwards.
     """
-    from sdatom.atoms import remove_atoms
-
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
+    run = as_run(run_dir)
     pipe = load_run_pipeline(run, merge=True, dtype="fp32", device="cpu", model=model)
-    if run.method == "atoms":
-        # merge=True keeps the (already merged) weights; the default would unmerge them.
-        remove_atoms(pipe.unet, merge=True)
-    elif run.method == "lora":
-        pipe.unload_lora_weights()  # after fuse_lora this keeps the fused weights
+    get_method(run.method).unwrap(pipe)
     for component in (pipe.unet, pipe.text_encoder):
         foreign = [
             f"{name} ({type(m).__module__})"
             for name, m in component.named_modules()
             if type(m).__module__.split(".")[0] in ("sdatom", "peft")
         ]
-        if foreign:  # a broken invariant of remove_atoms/unload_lora_weights, not user input
+        if foreign:  # a broken invariant of Method.unwrap, not user input
             raise RuntimeError(f"adapter modules left after merging: {foreign[:3]}")
     return pipe
 
@@ -98,7 +93,7 @@ def export_merged(
     ``out_dir`` must not exist (or be empty). The folder is written beside it and renamed
     into place, so a crash never leaves a half-written pipeline. Returns ``out_dir``.
     """
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
+    run = as_run(run_dir)
     out = Path(out_dir)
     _prepare_target(out, "--merged")
     torch_dtype = _cast(dtype)
@@ -328,7 +323,7 @@ def export_single_file(
     """
     from safetensors.torch import save_file
 
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
+    run = as_run(run_dir)
     out = Path(out_file)
     if out.suffix.lower() != ".safetensors":
         raise UsageError(f"--single-file {out}: the file name must end in .safetensors")

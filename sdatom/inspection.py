@@ -1,4 +1,5 @@
-"""``sdatom inspect``: a model's UNet inventory and a preset's trainable parameters.
+"""``sdatom inspect``: a model's UNet inventory (layer counts and parameters by kind) and a
+preset's trainable parameters.
 
 Only the UNet's config is read: the UNet is built on the ``meta`` device, so inspecting
 SD-1.5 needs no weights and no memory.
@@ -6,22 +7,65 @@ SD-1.5 needs no weights and no memory.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from sdatom.errors import ModelLoadError
-from sdatom.inventory import layer_group, unet_inventory
+from sdatom.errors import ModelLoadError, first_line
 from sdatom.models import (
     ARCHITECTURES,
     CHECKPOINT_SUFFIXES,
     build_unet,
     check_folder,
     default_model,
-    first_line,
     hub_offline,
 )
+
+# Linear layers by the role their name gives them in a diffusers UNet.
+_LINEAR_ROLES = (
+    ("attention q/k/v/out", (".to_q", ".to_k", ".to_v", ".to_out.0")),
+    ("feed-forward", (".ff.net.0.proj", ".ff.net.2")),
+    ("time embedding", ("time_embedding.linear_1", "time_embedding.linear_2", ".time_emb_proj")),
+    ("projections", (".proj_in", ".proj_out")),
+)
+
+
+def linear_role(name: str) -> str:
+    """The role of a Linear layer named ``name`` in a diffusers UNet."""
+    for role, suffixes in _LINEAR_ROLES:
+        if any(name.endswith(s) or name == s.lstrip(".") for s in suffixes):
+            return role
+    return "other linear"
+
+
+def layer_group(name: str, module: nn.Module) -> str | None:
+    """The inventory group of a module, or None for modules that are not counted."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return f"Conv2d {kh}x{kw}"
+    if isinstance(module, nn.Linear):
+        return f"Linear: {linear_role(name)}"
+    return None
+
+
+def unet_inventory(unet: nn.Module) -> dict[str, Any]:
+    """Layer counts and parameters grouped by kind, plus the UNet's total parameter count.
+
+    Works on a UNet built on the ``meta`` device, so no weights are needed.
+    """
+    groups: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    for name, module in unet.named_modules():
+        group = layer_group(name, module)
+        if group is None:
+            continue
+        entry = groups.setdefault(group, {"group": group, "layers": 0, "params": 0})
+        entry["layers"] += 1
+        entry["params"] += sum(p.numel() for p in module.parameters(recurse=False))
+    ordered = sorted(groups.values(), key=lambda g: (not g["group"].startswith("Conv"), g["group"]))
+    return {"unet_params": sum(p.numel() for p in unet.parameters()), "groups": ordered}
 
 
 def meta_unet(spec: str | None):

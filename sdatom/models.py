@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sdatom.errors import ModelLoadError, UsageError
+from sdatom.errors import ModelLoadError, UsageError, first_line
 from sdatom.fileio import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -364,11 +364,20 @@ def _architecture(spec: str) -> Architecture:
 
 
 def hub_offline() -> bool:
-    """True when the hub must not be asked: ``HF_HUB_OFFLINE`` is set or it cannot be reached.
+    """True when the hub must not be asked: offline mode is set (``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` as the environment says now, or huggingface_hub's own setting),
+    or the hub cannot be reached.
 
-    Without this, an unreachable hub costs minutes of retries before any error.
+    huggingface_hub reads its offline setting once, at import, and has no reachability
+    check: without the probe below an unreachable hub costs minutes of retries before any
+    error. The probe runs once per process.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
         return True
     global _HUB_REACHABLE
     if _HUB_REACHABLE is None:
@@ -547,9 +556,3 @@ def _single_file_problem(path: Path, e: BaseException, config: str | None) -> st
             "diffusers pipeline folder as --model"
         )
     return f"cannot load checkpoint {path}: {first_line(e)}"
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

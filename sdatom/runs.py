@@ -8,38 +8,48 @@ LoRA file) or ``unet/`` (method ``full``: a diffusers UNet folder).
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
 
-from sdatom.errors import AdapterError, ConfigError, UsageError
+from sdatom.errors import AdapterError, ConfigError, UsageError, first_line
+from sdatom.methods import ADAPTER_FILE, METHODS, get_method
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "METHODS", "Run", "load_run_pipeline", "read_run"]
+__all__ = [
+    "ADAPTER_FILE",
+    "CONFIG_FILE",
+    "METHODS",
+    "SUMMARY_FILE",
+    "Run",
+    "as_run",
+    "find_run",
+    "load_run_pipeline",
+    "read_run",
+]
 
 CONFIG_FILE = "config.yaml"
-ADAPTER_FILE = "adapter.safetensors"
-UNET_FOLDER = "unet"
-METHODS = ("atoms", "lora", "full")
-ATOMS_FORMAT = "sdatom-atoms"
+SUMMARY_FILE = "train_summary.json"
 
 
 @dataclass(frozen=True)
 class Run:
-    """A finished training run: its folder, resolved config, method and adapter location.
+    """A training run folder: its resolved config, its summary, method and trained result.
 
     ``adapter`` is ``adapter.safetensors`` for the atoms and lora methods and the ``unet/``
-    folder for the full method.
+    folder for the full method (None when the run was read for its summary only).
+    ``config`` (config.yaml) and ``summary`` (train_summary.json) are empty when not read.
     """
 
     path: Path
     config: dict[str, Any]
     method: str
-    adapter: Path
+    adapter: Path | None
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -49,7 +59,7 @@ class Run:
     @property
     def model(self) -> str | None:
         """The base model spec the run was trained on."""
-        value = self.config.get("model")
+        value = (self.config or self.summary).get("model")
         return str(value) if value else None
 
     @property
@@ -64,8 +74,11 @@ class Run:
         return f"{token} {cls}"
 
 
-def read_run(run_dir: str | os.PathLike) -> Run:
-    """Read the run folder ``run_dir`` and check that its trained adapter is there and fits.
+def read_run(run_dir: str | os.PathLike, *, need: str = "adapter") -> Run:
+    """Read the run folder ``run_dir``: the one reader of run folders.
+
+    ``need="adapter"`` (sample, eval, export): ``config.yaml`` and a finished adapter of the
+    configured method. ``need="summary"`` (compare): ``train_summary.json`` only.
 
     Raises:
         UsageError: the folder is missing or is not an sdatom run folder.
@@ -73,62 +86,77 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         AdapterError: the adapter is missing (the run did not finish) or of another method.
     """
     path = Path(run_dir)
-    if not path.is_dir():
-        raise UsageError(f"--run {path}: no such folder; pass a folder runs/<name> of sdatom train")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise UsageError(
-            f"--run {path} is not an sdatom run folder (no {CONFIG_FILE}); pass a folder "
-            "written by `sdatom train`"
-        )
+    if need == "summary":
+        summary = read_json_object(_run_file(path, SUMMARY_FILE), "re-run `sdatom train`")
+        return Run(path, {}, str(summary.get("method")), None, summary=summary)
+    config_path = _run_file(path, CONFIG_FILE)
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{config_path} cannot be read as YAML ({why})") from None
+        raise ConfigError(f"{config_path} cannot be read as YAML ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} is not a YAML mapping of training settings")
-    method = str(config.get("method", "atoms"))
-    if method not in METHODS:
-        raise ConfigError(f"{config_path}: method {method!r} is not one of {', '.join(METHODS)}")
-
-    adapter = path / (UNET_FOLDER if method == "full" else ADAPTER_FILE)
-    done = (adapter / "config.json").is_file() if method == "full" else adapter.is_file()
-    if not done:
+    name = str(config.get("method", "atoms"))
+    if name not in METHODS:
+        raise ConfigError(f"{config_path}: method {name!r} is not one of {', '.join(METHODS)}")
+    method = get_method(name)
+    adapter = path / method.result_name
+    if not method.is_saved(adapter):
         raise AdapterError(
-            f"{path} has no {adapter.name}{'/' if method == 'full' else ''}: the run did not "
+            f"{path} has no {adapter.name}{'' if adapter.suffix else '/'}: the run did not "
             "finish; continue it with `sdatom train --resume latest` (same config)"
         )
-    if method != "full":
-        _check_adapter_kind(adapter, method)
-    return Run(path=path, config=config, method=method, adapter=adapter)
+    method.check_result(adapter)
+    summary = _summary_or_empty(path)
+    return Run(path=path, config=config, method=name, adapter=adapter, summary=summary)
 
 
-def _check_adapter_kind(adapter: Path, method: str) -> None:
-    """Refuse an adapter file written by the other method (config.yaml and file disagree)."""
+def as_run(run: str | os.PathLike | Run) -> Run:
+    """``run`` itself when it is already a :class:`Run`, else the finished run it names."""
+    return run if isinstance(run, Run) else read_run(run)
+
+
+def _run_file(path: Path, name: str) -> Path:
+    """``path / name``, or UsageError when ``path`` is not a run folder holding it."""
+    if not path.is_dir():
+        raise UsageError(
+            f"run folder {path} does not exist (no such folder): pass a folder runs/<name> "
+            "written by `sdatom train`"
+        )
+    if not (path / name).is_file():
+        raise UsageError(
+            f"{path} is not an sdatom run folder (no {name}): pass a folder written by "
+            "`sdatom train`"
+        )
+    return path / name
+
+
+def find_run(*folders: Path) -> Run | None:
+    """The first of ``folders`` that is a run with a readable summary (None: none is)."""
+    for folder in folders:
+        summary = _summary_or_empty(folder)
+        if summary:
+            return Run(folder, {}, str(summary.get("method")), None, summary=summary)
+    return None
+
+
+def _summary_or_empty(folder: Path) -> dict[str, Any]:
     try:
-        with safe_open(str(adapter), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            keys = list(f.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(
-            f"{adapter} is not a readable safetensors file ({why}): it is truncated or corrupt"
-        ) from None
-    is_atoms = meta.get("format") == ATOMS_FORMAT
-    is_lora = any("lora" in k for k in keys)
-    if method == "atoms" and not is_atoms:
-        kind = "a LoRA file" if is_lora else "not an sdatom atoms file"
-        raise AdapterError(
-            f"{adapter} is {kind} but config.yaml says method: atoms; fix 'method' in "
-            f"{adapter.parent / CONFIG_FILE} or retrain"
-        )
-    if method == "lora" and (is_atoms or not is_lora):
-        kind = "an sdatom atoms file" if is_atoms else "not a LoRA file (no lora keys)"
-        raise AdapterError(
-            f"{adapter} is {kind} but config.yaml says method: lora; fix 'method' in "
-            f"{adapter.parent / CONFIG_FILE} or retrain"
-        )
+        data = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; UsageError (saying ``what`` to do) otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}): {what}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} does not hold a JSON object: {what}")
+    return data
 
 
 def load_run_pipeline(
@@ -152,7 +180,7 @@ def load_run_pipeline(
     """
     from sdatom.models import load_pipeline
 
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
+    run = as_run(run_dir)
     spec = model or run.model
     if not spec:
         raise ConfigError(
@@ -160,33 +188,4 @@ def load_run_pipeline(
         )
     model_config = model_config or (None if model else run.config.get("model_config"))
     pipe = load_pipeline(spec, dtype=dtype, device=device, xformers=xformers, config=model_config)
-    if run.method == "atoms":
-        from sdatom.atoms import load_atoms, merge_atoms
-
-        load_atoms(pipe.unet, run.adapter, force=force)
-        if merge:
-            merge_atoms(pipe.unet)
-    elif run.method == "lora":
-        try:
-            pipe.load_lora_weights(str(run.path), weight_name=ADAPTER_FILE)
-        except (ValueError, KeyError, RuntimeError, OSError) as e:
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise AdapterError(
-                f"{run.adapter} does not load onto {spec} ({why}); is it the run's base model?"
-            ) from None
-        if merge:
-            pipe.fuse_lora()
-    else:
-        pipe.unet = _load_unet(run.adapter, pipe.unet.dtype, pipe.unet.device)
-    return pipe
-
-
-def _load_unet(folder: Path, dtype: torch.dtype, device: torch.device):
-    from diffusers import UNet2DConditionModel
-
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError) as e:
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"cannot load the fine-tuned UNet in {folder} ({why})") from None
-    return unet.to(device)
+    return get_method(run.method).apply(pipe, run.adapter, merge=merge, force=force, spec=spec)

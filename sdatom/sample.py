@@ -49,7 +49,7 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # a sample folder's index of prompts and seeds (read by eval)
 GRID = "grid.png"
 #: Grid cells are shrunk to at most this many pixels on a side (the PNGs keep full size).
 GRID_CELL = 256
@@ -405,3 +405,39 @@ def run_sampling(
         pipe, prompt_list, output_dir=out, options=o, settings=settings, progress=progress
     )
     return SampleResult(output_dir=out, grid=out / GRID, images=images, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def validation_samples(
+    pipe: Any, unet: torch.nn.Module, config: Any, folder: Path, accelerator: Any
+) -> None:
+    """Sample a training run's validation prompts with fixed seeds into ``folder``, with the
+    UNet being trained (``config`` is the run's resolved TrainConfig).
+
+    The images are shared out across processes (image i on process i % N), so every
+    process works and none waits long on another.
+    """
+    c = config
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = unet.training
+    unet.eval()
+    jobs = [(p, i) for p, _ in enumerate(c.validation_prompts) for i in range(c.validation_images)]
+    original_unet = pipe.unet
+    pipe.unet = unet
+    try:
+        for k in range(accelerator.process_index, len(jobs), accelerator.num_processes):
+            p, i = jobs[k]
+            with accelerator.autocast():
+                image = pipe(
+                    c.validation_prompts[p],
+                    num_inference_steps=c.validation_steps,
+                    height=c.resolution,
+                    width=c.resolution,
+                    generator=torch.Generator(device="cpu").manual_seed(c.seed + i),
+                ).images[0]
+            with atomic_path(folder / f"p{p:03d}-i{i:02d}.png") as tmp:
+                image.save(tmp, format="PNG")
+    finally:
+        pipe.unet = original_unet
+        unet.train(was_training)
+    accelerator.wait_for_everyone()

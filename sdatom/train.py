@@ -1,7 +1,9 @@
 """DreamBooth-style training of filter atoms (or LoRA / full fine-tuning baselines).
 
-Reads top to bottom: plan the run, build the model with its adapter, prepare the data (class
-images, latents, prompt embeddings), then one accelerate loop with resumable checkpoints.
+Reads top to bottom: check the run before loading anything, plan it (every derived value once,
+in :class:`RunPlan`), build the model with the method's trainable parameters, prepare the data,
+then one accelerate loop with resumable checkpoints. What a method does lives in
+``sdatom.methods``, the data pieces in ``sdatom.data``, resume checks in ``sdatom.checkpoint``.
 Runs unchanged under ``accelerate launch`` on any number of processes: the adapter's
 parameters are real submodules of the UNet that accelerate wraps, so their gradients are
 synchronised, and only the main process writes files.
@@ -13,11 +15,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,49 +26,51 @@ import torch
 import torch.nn.functional as F
 
 from sdatom import __version__
-from sdatom.checkpoint import (
-    Progress,
-    latest_checkpoint,
-    prune_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
-)
-from sdatom.config import DEFAULT_LR, MIXED_PRECISION, TrainConfig, dump_config
-from sdatom.errors import CheckpointError, ConfigError, Interrupted, TrainingError, UsageError
-from sdatom.fileio import atomic_path, atomic_write_text
+from sdatom.checkpoint import Progress, find_resume, prune_checkpoints, save_checkpoint
+from sdatom.config import MIXED_PRECISION, TrainConfig, dump_config
+from sdatom.errors import ConfigError, Interrupted, TrainingError, UsageError
+from sdatom.fileio import atomic_write_text
+from sdatom.methods import Method, get_method
+from sdatom.runs import CONFIG_FILE, SUMMARY_FILE
+from sdatom.stopping import StopSignals, step_status
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "train_summary.json"
-# Config fields that may differ between a run and its resumption (they change no result).
-# Schedules whose learning rate at a step does not depend on the total number of steps.
-STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
-RESUMABLE_CHANGES = {
-    "steps",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "validation_every",
-    "report_to",
-    "device",
-    "ddp_timeout",
-}
-
 
 # ----------------------------------------------------------------------------- the plan
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Values derived once from the config before training (the config itself never changes)."""
+    """Everything derived from the user's config, computed once before training.
+
+    ``config`` is the resolved config (every default filled: method defaults, the output
+    folder, the model's resolution, the precision accelerate chose): what ``config.yaml`` and
+    each checkpoint record. The user's config is never changed during the run.
+    """
 
     config: TrainConfig
     output: Path
     subject_images: tuple[Path, ...]
+    method: Method
+    weight_dtype: torch.dtype
 
 
-def resolve_config(config: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on other options, so config.yaml records what ran."""
+def _model_of(config: TrainConfig) -> str:
     from sdatom.models import default_model
+
+    return config.model or default_model()
+
+
+def _output_of(config: TrainConfig) -> Path:
+    return Path(config.output or Path("runs") / Path(config.subject).resolve().name)
+
+
+def check_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> tuple[Path, ...]:
+    """Fail before any loading: required options, the method's options, the subject folder
+    and the output folder (a finished run is never overwritten silently, and an unfinished
+    one is resumed only when asked). Returns the subject images (listed once)."""
+    from sdatom.checkpoint import list_checkpoints
+    from sdatom.data import find_images
 
     if config.subject is None:
         raise ConfigError("--subject: give the folder of subject photos")
@@ -76,38 +78,13 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(
             "--class-name: say what the subject is (e.g. --class-name dog); it is never guessed"
         )
-    if config.method == "atoms":  # a bad preset or atom config fails before any loading
-        from sdatom.atoms import resolve_config as resolve_atoms
-
-        resolve_atoms(config.atoms if config.atoms is not None else config.preset)
-    model = config.model or default_model()
-    tiny = model == "tiny"
-    output = config.output or str(Path("runs") / Path(config.subject).resolve().name)
-    return config.replace(
-        model=model,
-        output=output,
-        lr=config.lr or DEFAULT_LR[config.method],
-        num_class_images=config.num_class_images or (8 if tiny else 100),
-        class_sample_steps=config.class_sample_steps or (4 if tiny else 30),
-        validation_prompts=config.validation_prompts
-        or (f"a photo of {config.token} {config.class_name}",),
-    )
-
-
-def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunPlan:
-    """Resolve the config and check the output folder: a finished run is never overwritten
-    silently, and an unfinished one is resumed only when asked."""
-    from sdatom.data import find_images
-
-    config = resolve_config(config)
+    get_method(config.method).check_config(config)
     # Listed once (its warnings printed once); a missing or empty folder fails before loading.
     subject_images = tuple(find_images(config.subject))
-    output = Path(config.output)
+    output = _output_of(config)
     finished = (output / SUMMARY_FILE).is_file()
-    started = (output / "config.yaml").is_file()
+    started = (output / CONFIG_FILE).is_file()
     if resume is None and (finished or started) and not overwrite:
-        from sdatom.checkpoint import list_checkpoints
-
         if finished:
             what, hint = "a finished run", ""
         elif list_checkpoints(output):
@@ -123,239 +100,45 @@ def plan_run(config: TrainConfig, *, resume: str | None, overwrite: bool) -> Run
         )
     if resume is not None and finished and not overwrite:
         raise UsageError(f"--output {output} holds a finished run; nothing to resume")
-    return RunPlan(
-        config=config,
-        output=output,
-        subject_images=subject_images,
-    )
+    return subject_images
 
 
-# ----------------------------------------------------------------------------- the model
-
-
-def add_adapter(unet: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Freeze the UNet and add the method's trainable parameters; return them."""
-    unet.requires_grad_(False)
-    if config.method == "atoms":
-        from sdatom.atoms import add_atoms, trainable_parameters
-
-        add_atoms(unet, config.atoms if config.atoms is not None else config.preset)
-        return trainable_parameters(unet)
-    if config.method == "lora":
-        from peft import LoraConfig
-
-        # peft draws the gaussian init from the global RNG: --seed makes it reproducible,
-        # without disturbing the caller's RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            unet.add_adapter(
-                LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=config.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora_targets),
-                )
-            )
-        return [p for p in unet.parameters() if p.requires_grad]
-    unet.requires_grad_(True)
-    return list(unet.parameters())
-
-
-def adapter_state(unet: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores for ``method`` (what was trained)."""
-    if method == "atoms":
-        from sdatom.atoms import atom_state_dict
-
-        return atom_state_dict(unet)
-    if method == "lora":
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(unet)
-    return unet.state_dict()
-
-
-def load_adapter_state(unet: torch.nn.Module, method: str, state: dict[str, torch.Tensor]):
-    if method == "atoms":
-        from sdatom.atoms import load_atom_state_dict
-
-        load_atom_state_dict(unet, state)
-    elif method == "lora":
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(unet, state)
-    else:
-        unet.load_state_dict(state)
-
-
-def save_adapter(unet: torch.nn.Module, plan: RunPlan, pipe: Any) -> Path:
-    """Write the final adapter: an sdatom atoms file, a diffusers LoRA file, or a UNet folder."""
-    c = plan.config
-    if c.method == "atoms":
-        from sdatom.atoms import save_atoms
-
-        meta = {"model": c.model, "method": "atoms", "token": c.token, "class_name": c.class_name}
-        return save_atoms(unet, plan.output / "adapter.safetensors", metadata=meta)
-    if c.method == "lora":
-        from peft.utils import get_peft_model_state_dict
-
-        tmp_dir = plan.output / ".adapter.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        type(pipe).save_lora_weights(
-            tmp_dir,
-            unet_lora_layers=get_peft_model_state_dict(unet),
-            weight_name="adapter.safetensors",
+def plan_run(
+    config: TrainConfig,
+    subject_images: tuple[Path, ...],
+    *,
+    mixed_precision: str,
+    native_resolution: int,
+) -> RunPlan:
+    """Resolve every default once: those that depend on other options, on the model (its
+    resolution) and on accelerate (the precision it runs in)."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(
+            f"mixed precision {mixed_precision!r} (from accelerate's settings) is not supported: "
+            f"use one of {', '.join(MIXED_PRECISION)}"
         )
-        with atomic_path(plan.output / "adapter.safetensors") as tmp:
-            shutil.move(tmp_dir / "adapter.safetensors", tmp)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        return plan.output / "adapter.safetensors"
-    folder = plan.output / "unet"
-    tmp_dir = plan.output / ".unet.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    unet.save_pretrained(tmp_dir, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp_dir, folder)
-    return folder
-
-
-# ----------------------------------------------------------------------------- the data
-
-
-def class_image_precision(accelerator: Any) -> str:
-    """The precision class images are generated in: the training precision on GPUs (fast, and
-    the images the model is later regularised towards), fp32 on the CPU."""
-    if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("fp16", "bf16"):
-        return accelerator.mixed_precision
-    return "fp32"
-
-
-def class_images(
-    plan: RunPlan, pipe: Any, accelerator: Any, progress: bool = True
-) -> list[Path] | None:
-    """Class images for prior preservation: the user's folder, or generated once and cached.
-
-    Generation is split across processes (image i on process i % N), so no process waits on
-    another for long; each image is written atomically, so a killed run never leaves a
-    half-written image that later counts. The cache key holds the model, prompt, resolution,
-    denoising steps and precision.
-    """
-    import contextlib
-
-    from sdatom.data import (
-        class_image_cache_dir,
-        class_image_path,
-        class_prompt,
-        find_images,
-        list_cached_class_images,
+    method = get_method(config.method)
+    model = _model_of(config)
+    tiny = model == "tiny"
+    resolved = config.replace(
+        model=model,
+        output=str(_output_of(config)),
+        lr=config.lr or method.default_lr,
+        num_class_images=config.num_class_images or (8 if tiny else 100),
+        class_sample_steps=config.class_sample_steps or (4 if tiny else 30),
+        validation_prompts=config.validation_prompts
+        or (f"a photo of {config.token} {config.class_name}",),
+        mixed_precision=mixed_precision,
+        resolution=config.resolution or native_resolution,
     )
-    from sdatom.progress import progress_bar
-
-    c = plan.config
-    if not c.prior:
-        return None
-    if c.class_dir:
-        return find_images(c.class_dir)[: c.num_class_images]
-    from sdatom.models import weights_fingerprint
-
-    prompt = class_prompt(c.class_name)
-    precision = class_image_precision(accelerator)
-    folder = class_image_cache_dir(
-        c.model,
-        prompt,
-        c.num_class_images,
-        c.resolution,
-        steps=c.class_sample_steps,
-        precision=precision,
-        weights=weights_fingerprint(c.model),
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    return RunPlan(
+        config=resolved,
+        output=Path(resolved.output),
+        subject_images=subject_images,
+        method=method,
+        weight_dtype=weight_dtype[mixed_precision],
     )
-    cached = list_cached_class_images(folder, c.num_class_images)
-    if cached is not None:
-        return cached
-    folder.mkdir(parents=True, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    logger.info("generating %d class images for %r", c.num_class_images, prompt)
-    mine = [i for i in range(rank, c.num_class_images, world)]
-    bar = progress_bar(
-        len(mine),
-        "class images",
-        enabled=progress and accelerator.is_local_main_process,
-        unit="img",
-    )
-    autocast = accelerator.autocast() if precision != "fp32" else contextlib.nullcontext()
-    for i in mine:
-        path = class_image_path(folder, i)
-        if not path.is_file():
-            with autocast:
-                image = pipe(
-                    prompt,
-                    num_inference_steps=c.class_sample_steps,
-                    height=c.resolution,
-                    width=c.resolution,
-                    generator=torch.Generator(device="cpu").manual_seed(i),
-                ).images[0]
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG")
-        bar.update(1)
-    bar.close()
-    accelerator.wait_for_everyone()
-    return list_cached_class_images(folder, c.num_class_images)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffled order that depends only on (seed, epoch): resumable and the same on every
-    process, which lets accelerate shard it."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class Encoders:
-    """The frozen VAE and text encoder, with caches: each image and prompt is encoded once."""
-
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, cache: bool):
-        self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
-        self.device, self.dtype, self.cache = device, dtype, cache
-        self._latents: dict[str, torch.Tensor] = {}
-        self._prompts: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 2·C, h, w): the VAE posterior's mean and log-variance of each image."""
-        out = []
-        for image in pixels:
-            key = hashlib.sha1(image.numpy().tobytes()).hexdigest() if self.cache else None
-            if key is None or key not in self._latents:
-                x = image[None].to(self.device, self.dtype)
-                moments = self.vae.encode(x).latent_dist.parameters.float()
-                if key is None:
-                    out.append(moments)
-                    continue
-                self._latents[key] = moments
-            out.append(self._latents[key])
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def prompts(self, prompts: list[str]) -> torch.Tensor:
-        for p in set(prompts) - self._prompts.keys():
-            ids = self.tokenizer(
-                p,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            self._prompts[p] = self.text_encoder(ids)[0].float()
-        return torch.cat([self._prompts[p] for p in prompts])
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -439,43 +222,6 @@ class TrainResult:
     main_process: bool = True  # False on the other processes of a multi-process run
 
 
-class _Interrupt:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag checked between steps (save,
-    then exit cleanly). SIGTERM is what SLURM, Kubernetes and ``timeout`` send before a kill.
-
-    A second signal stops at once, except under a launcher (torchrun forwards the signal it
-    got to every worker, so one Ctrl-C may arrive twice): there the flag is all that counts.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.terminated = False  # the first signal was SIGTERM
-        self._previous: dict[int, Any] = {}
-        self._launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handler
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            if self._launched:
-                return
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.requested = True
-        self.terminated = signum == signal.SIGTERM
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
 def make_accelerator(config: TrainConfig, output: Path):
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.state import AcceleratorState, GradientState
@@ -530,49 +276,42 @@ def train(
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from sdatom.data import DreamBoothDataset, collate_dreambooth
+    from sdatom.data import Encoders, class_images
     from sdatom.models import enable_xformers, load_pipeline
 
-    plan = plan_run(config, resume=resume, overwrite=overwrite)
-    accelerator = make_accelerator(plan.config, plan.output)
-    # Every process has checked the output folder (plan_run) before any process writes to it.
+    subject_images = check_run(config, resume=resume, overwrite=overwrite)
+    accelerator = make_accelerator(config, _output_of(config))
+    # Every process has checked the output folder (check_run) before any process writes to it.
     accelerator.wait_for_everyone()
-    # Not set: accelerate's own setting (launch flag, config file, environment) applied;
-    # config.yaml records the precision actually used.
-    used = accelerator.mixed_precision
-    if used not in MIXED_PRECISION:
-        raise ConfigError(
-            f"mixed precision {used!r} (from accelerate's settings) is not supported: "
-            f"use one of {', '.join(MIXED_PRECISION)}"
-        )
-    plan = replace(plan, config=plan.config.replace(mixed_precision=used))
     pipe = load_pipeline(
-        plan.config.model, dtype="fp32", device=accelerator.device, config=plan.config.model_config
+        _model_of(config), dtype="fp32", device=accelerator.device, config=config.model_config
     )
-    if plan.config.resolution is None:  # the model's native resolution
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        plan = replace(plan, config=plan.config.replace(resolution=native))
-    c = plan.config
-    checkpoint = _find_resume(plan, resume)
+    # Not set: accelerate's own setting (launch flag, config file, environment) applied;
+    # config.yaml records the precision actually used, and the model's native resolution.
+    plan = plan_run(
+        config,
+        subject_images,
+        mixed_precision=accelerator.mixed_precision,
+        native_resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+    )
+    c, method, weight_dtype = plan.config, plan.method, plan.weight_dtype
+    checkpoint = find_resume(plan.config, plan.output, resume)
     if accelerator.is_main_process:
         if overwrite and resume is None and plan.output.exists():
             shutil.rmtree(plan.output)
         plan.output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(plan.output / "config.yaml", dump_config(c))
+        atomic_write_text(plan.output / CONFIG_FILE, dump_config(c))
     accelerator.wait_for_everyone()
 
     # -- build: the base model, frozen, with the method's trainable parameters
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        c.mixed_precision
-    ]
     if c.xformers:
         enable_xformers(pipe, accelerator.device)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    images = class_images(plan, pipe, accelerator, progress_bar)
+    images = class_images(c, pipe, accelerator, progress_bar)
     unet = pipe.unet
-    params = add_adapter(unet, c)
-    if c.method != "full" and weight_dtype != torch.float32:
+    params = method.add(unet, c)
+    if method.freezes_base and weight_dtype != torch.float32:
         # Frozen weights in the compute dtype; trainable parameters stay in fp32.
         for p in unet.parameters():
             if not p.requires_grad:
@@ -581,26 +320,10 @@ def train(
     pipe.text_encoder.to(dtype=weight_dtype)
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    trainable_count = sum(p.numel() for p in params)
+    trainable_count = method.count(params)
 
     # -- data
-    dataset = DreamBoothDataset(
-        list(plan.subject_images),
-        token=c.token,
-        class_name=c.class_name,
-        resolution=c.resolution,
-        class_images=images,
-        center_crop=c.center_crop,
-        hflip_prob=c.hflip,
-        seed=c.seed,
-    )
-    sampler = EpochSampler(len(dataset), c.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=c.batch_size,
-        sampler=sampler,
-        collate_fn=lambda ex: collate_dreambooth(ex, dataset.with_prior),
-    )
+    dataset, sampler, loader = _data(plan, images)
     encoders = Encoders(pipe, accelerator.device, weight_dtype, c.cache_latents)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -622,7 +345,7 @@ def train(
     # -- resume
     progress = Progress(step=0, epoch=0, batches_in_epoch=0)
     if checkpoint is not None:
-        load_adapter_state(accelerator.unwrap_model(unet), c.method, checkpoint.trainable)
+        method.load_state_dict(accelerator.unwrap_model(unet), checkpoint.trainable)
         checkpoint.restore(optimizer, lr_scheduler, accelerator.scaler)
         progress = checkpoint.progress
         logger.info("resumed from %s at step %d", checkpoint.path, progress.step)
@@ -642,7 +365,7 @@ def train(
     last_loss = float("nan")
     unet.train()
     try:
-        with _Interrupt() as interrupt:
+        with StopSignals() as interrupt:
             for epoch in range(progress.epoch, num_epochs):
                 if step >= c.steps:
                     break
@@ -670,7 +393,7 @@ def train(
                             step,
                             micro,
                         )
-                        status = _check_status(loss, interrupt, accelerator)
+                        status = step_status(loss, interrupt, accelerator)
                         if status["nonfinite"]:
                             _stop_on_nonfinite(plan, step)
                         accelerator.backward(loss)
@@ -713,27 +436,19 @@ def train(
     # -- save
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        adapter = save_adapter(accelerator.unwrap_model(unet), plan, pipe)
-        summary = {
-            "method": c.method,
-            "preset": c.preset if c.method == "atoms" else None,
-            "model": c.model,
-            "trainable_params": trainable_count,
-            "adapter_bytes": _size(adapter),
-            "train_seconds": round(train_seconds, 3),
-            "seconds_per_step": round(train_seconds / max(1, step - progress.step), 4),
-            "steps": step,
-            "final_loss": last_loss,
-            "token": c.token,
-            "class_name": c.class_name,
-            "subject": str(c.subject),
-            "processes": accelerator.num_processes,
-            "mixed_precision": c.mixed_precision,
-            "sdatom_version": __version__,
-        }
-        atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))
+        adapter = method.save(accelerator.unwrap_model(unet), plan.output, c, pipe)
+        summary = _write_summary(
+            plan,
+            trainable_params=trainable_count,
+            adapter_bytes=_size(adapter),
+            train_seconds=round(train_seconds, 3),
+            seconds_per_step=round(train_seconds / max(1, step - progress.step), 4),
+            steps=step,
+            final_loss=last_loss,
+            processes=accelerator.num_processes,
+        )
     else:  # other processes report the same run without writing it
-        adapter, summary = plan.output / "adapter.safetensors", {}
+        adapter, summary = plan.output / method.result_name, {}
     accelerator.end_training()
     return TrainResult(
         plan.output,
@@ -746,6 +461,49 @@ def train(
         unet=accelerator.unwrap_model(unet),
         main_process=accelerator.is_main_process,
     )
+
+
+def _data(plan: RunPlan, class_images: list[Path] | None):
+    """The dataset, its resumable order and the loader (accelerate shards it later)."""
+    from sdatom.data import DreamBoothDataset, EpochSampler, collate_dreambooth
+
+    c = plan.config
+    dataset = DreamBoothDataset(
+        list(plan.subject_images),
+        token=c.token,
+        class_name=c.class_name,
+        resolution=c.resolution,
+        class_images=class_images,
+        center_crop=c.center_crop,
+        hflip_prob=c.hflip,
+        seed=c.seed,
+    )
+    sampler = EpochSampler(len(dataset), c.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=c.batch_size,
+        sampler=sampler,
+        collate_fn=lambda ex: collate_dreambooth(ex, dataset.with_prior),
+    )
+    return dataset, sampler, loader
+
+
+def _write_summary(plan: RunPlan, **measured: Any) -> dict[str, Any]:
+    """Write ``train_summary.json``: what ran (from the plan) and what it measured."""
+    c = plan.config
+    summary = {
+        "method": c.method,
+        "preset": plan.method.preset(c),
+        "model": c.model,
+        **measured,
+        "token": c.token,
+        "class_name": c.class_name,
+        "subject": str(c.subject),
+        "mixed_precision": c.mixed_precision,
+        "sdatom_version": __version__,
+    }
+    atomic_write_text(plan.output / SUMMARY_FILE, json.dumps(summary, indent=2))
+    return summary
 
 
 def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step, micro):
@@ -772,25 +530,6 @@ def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step,
     )
 
 
-def _check_status(loss: torch.Tensor, interrupt: _Interrupt, accelerator) -> dict[str, bool]:
-    """One collective per step: did any process see a non-finite loss, a Ctrl-C or a SIGTERM?
-    Every process then stops at the same step."""
-    flags = torch.tensor(
-        [
-            float(not torch.isfinite(loss.detach()).item()),
-            float(interrupt.requested),
-            float(interrupt.terminated),
-        ],
-        device=accelerator.device,
-    )
-    flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
-    return {
-        "nonfinite": bool(flags[0] > 0),
-        "interrupted": bool(flags[1] > 0),
-        "terminated": bool(flags[2] > 0),
-    }
-
-
 def _stop_on_nonfinite(plan: RunPlan, step: int) -> None:
     """The loss is NaN/inf: stop before it reaches the parameters; checkpoints stay good."""
     c = plan.config
@@ -815,7 +554,7 @@ def _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, progress:
         save_checkpoint(
             folder,
             progress=progress,
-            trainable=adapter_state(accelerator.unwrap_model(unet), c.method),
+            trainable=plan.method.state_dict(accelerator.unwrap_model(unet)),
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             scaler=accelerator.scaler,
@@ -826,65 +565,12 @@ def _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, progress:
     return folder
 
 
-def _find_resume(plan: RunPlan, resume: str | None):
-    if resume is None:
-        return None
-    path = latest_checkpoint(plan.output) if resume == "latest" else Path(resume)
-    checkpoint = read_checkpoint(path)
-    saved = TrainConfig.from_dict(checkpoint.config, source=f"{path}/state.json")
-    differs = [
-        k
-        for k, v in plan.config.to_dict().items()
-        if k not in RESUMABLE_CHANGES and saved.to_dict().get(k) != v
-    ]
-    if differs:
-        raise CheckpointError(
-            f"--resume {path}: the checkpoint was made with different {', '.join(differs)}; "
-            "resume with the options of the original run"
-        )
-    c = plan.config
-    if saved.steps != c.steps and c.lr_scheduler not in STEP_FREE_SCHEDULES:
-        # The schedule's shape depends on the total: a new total would make the LR jump.
-        raise CheckpointError(
-            f"--resume {path}: --steps {c.steps} differs from the run's {saved.steps}, and the "
-            f"{c.lr_scheduler!r} schedule depends on the total, so its learning rate would jump; "
-            f"resume with --steps {saved.steps} (only constant schedules can change --steps)"
-        )
-    return checkpoint
-
-
-@torch.no_grad()
 def validate(pipe: Any, unet: torch.nn.Module, plan: RunPlan, accelerator, step: int) -> None:
-    """Sample the validation prompts with fixed seeds into ``samples/step-N/``.
+    """Sample the validation prompts into ``samples/step-N/`` and show them in the trackers."""
+    from sdatom.sample import validation_samples
 
-    The images are shared out across processes (image i on process i % N), so every
-    process works and none waits long on another.
-    """
-    c = plan.config
     folder = plan.output / "samples" / f"step-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    was_training = unet.training
-    unet.eval()
-    jobs = [(p, i) for p, _ in enumerate(c.validation_prompts) for i in range(c.validation_images)]
-    original_unet = pipe.unet
-    pipe.unet = unet
-    try:
-        for k in range(accelerator.process_index, len(jobs), accelerator.num_processes):
-            p, i = jobs[k]
-            with accelerator.autocast():
-                image = pipe(
-                    c.validation_prompts[p],
-                    num_inference_steps=c.validation_steps,
-                    height=c.resolution,
-                    width=c.resolution,
-                    generator=torch.Generator(device="cpu").manual_seed(c.seed + i),
-                ).images[0]
-            with atomic_path(folder / f"p{p:03d}-i{i:02d}.png") as tmp:
-                image.save(tmp, format="PNG")
-    finally:
-        pipe.unet = original_unet
-        unet.train(was_training)
-    accelerator.wait_for_everyone()
+    validation_samples(pipe, unet, plan.config, folder, accelerator)
     if accelerator.is_main_process:
         logger.info("step %d: validation samples in %s", step, folder)
         _log_images(accelerator, folder, step)

@@ -125,6 +125,7 @@ def test_clip_t_equals_direct_open_clip_with_token_removed(backbones):
     assert -1.0 <= got <= 1.0  # a raw cosine, not x100
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_random_backbones_are_deterministic(backbones):
     again = load_backbones(random=True)
     img = _image(6)
@@ -298,6 +299,7 @@ def _direct_aggregates(backbones, samples: Path, subject: Path) -> dict[str, flo
     }
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_evaluate_aggregates_equal_a_direct_computation(backbones, tmp_path):
     prompts = [*PROMPTS, "a sks dog in a bucket"]
     samples = _write_samples(tmp_path / "samples", prompts, per_prompt=3)
@@ -310,6 +312,7 @@ def test_evaluate_aggregates_equal_a_direct_computation(backbones, tmp_path):
     assert len({round(v, 6) for v in direct.values()}) == len(direct)
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_evaluate_shows_a_progress_bar_on_a_terminal(backbones, tmp_path, monkeypatch):
     import io
     import sys
@@ -340,6 +343,7 @@ def test_report_images_resolve_and_banner_shows(backbones, tmp_path):
         assert src.startswith("data:") or (out / src).is_file(), src
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_same_seed_base_images_give_preservation(backbones, tmp_path):
     samples = _write_samples(tmp_path / "samples", PROMPTS, per_prompt=2)
     base = _write_samples(tmp_path / "base", [p.replace("sks ", "") for p in PROMPTS], 1)

@@ -58,6 +58,7 @@ def adapted(atoms_run):
     return _arrays(load_run_pipeline(atoms_run))
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_merged_folder_reproduces_the_run_without_sdatom(atoms_run, adapted, tmp_path):
     out = export_merged(atoms_run, tmp_path / "merged")
     assert (out / "model_index.json").is_file()
@@ -87,6 +88,7 @@ def test_merged_unet_has_no_adapter_modules(atoms_run, tmp_path):
     assert not [n for n, m in unet.named_modules() if "sdatom" in type(m).__module__]
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_lora_run_exports_fused_weights(tiny_dir, tmp_path):
     run = make_lora_run(tmp_path / "lora", tiny_dir)
     reference = _arrays(load_run_pipeline(run))
@@ -96,6 +98,7 @@ def test_lora_run_exports_fused_weights(tiny_dir, tmp_path):
     np.testing.assert_allclose(_arrays(load_pipeline(str(out))), reference, atol=ATOL_FP32, rtol=0)
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_single_file_round_trip(atoms_run, adapted, tiny_dir, tmp_path):
     from sdatom.models import load_pipeline
 

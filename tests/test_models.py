@@ -62,7 +62,7 @@ def test_wrong_vocabulary_size_is_an_error():
     ],
 )
 def test_real_architectures_have_published_sizes(spec, params, convs):
-    from sdatom.inventory import unet_inventory
+    from sdatom.inspection import unet_inventory
 
     inv = unet_inventory(models.build_unet(spec, "meta"))
     assert inv["unet_params"] == params

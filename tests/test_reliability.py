@@ -162,6 +162,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 90.
 # ----------------------------------------------------------------------------- SIGKILL
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_sigkill_mid_run_then_resume_latest_gives_the_same_adapter(subject, reference, tmp_path):
     run = tmp_path / "run"
     proc = _start_slow_train(tmp_path, _args(subject, run))
@@ -228,6 +229,7 @@ save(4)
 """
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     script = tmp_path / "killed_while_saving.py"
     script.write_text(_KILLED_WHILE_SAVING)
@@ -262,6 +264,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 # ----------------------------------------------------------------------------- SIGINT
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(subject, reference, tmp_path):
     run = tmp_path / "run"
     proc = _start_slow_train(tmp_path, _args(subject, run))
@@ -282,6 +285,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(subject, refere
     _assert_same_adapter(run / "adapter.safetensors", reference)
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_sigterm_is_handled_like_ctrl_c_and_exits_143(subject, tmp_path):
     run = tmp_path / "run"
     proc = _start_slow_train(tmp_path, _args(subject, run))

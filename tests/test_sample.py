@@ -46,6 +46,7 @@ def atoms_run(tiny_dir, tmp_path_factory):
     return make_atoms_run(tmp_path_factory.mktemp("runs") / "dog", tiny_dir)
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_image_depends_only_on_prompt_and_seed(tiny_pipe, tmp_path):
     # Batch size 1 (the default): bit-identical PNGs whatever n and the prompt order.
     a = sample(tiny_pipe, ["a dog", "a cat"], n=3, output_dir=tmp_path / "a", **FAST)
@@ -59,6 +60,7 @@ def test_image_depends_only_on_prompt_and_seed(tiny_pipe, tmp_path):
     assert not np.array_equal(_pixels(a[0]), _pixels(a[1]))  # seeds differ: images differ
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_batching_changes_images_only_by_float_rounding(tiny_pipe):
     # Batched kernels sum in another order: the same noise, rounding-level differences.
     batched = _arrays(tiny_pipe, ["a dog", "a cat"], n=2, batch_size=3)
@@ -148,6 +150,7 @@ def test_merged_and_unmerged_lora_give_the_same_images(tiny_dir, tmp_path):
     np.testing.assert_allclose(fused, live, atol=ATOL_FP32, rtol=0)
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_run_sampling_adapted_and_base_use_the_same_seeds(atoms_run):
     common = {"run": atoms_run, "prompts": ["a sks dog"], "n": 2, "device": "cpu", **FAST}
     adapted = run_sampling(**common)

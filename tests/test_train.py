@@ -118,8 +118,7 @@ def _fixed_batch_loss(unet, pipe, resolution):
     """The loss on a fixed evaluation batch: the subject photos, fixed noise and timesteps."""
     from diffusers import DDPMScheduler
 
-    from sdatom.data import DreamBoothDataset, collate_dreambooth
-    from sdatom.train import Encoders
+    from sdatom.data import DreamBoothDataset, Encoders, collate_dreambooth
 
     ds = DreamBoothDataset(SUBJECT, token="sks", class_name="toy", resolution=resolution)
     batch = collate_dreambooth([ds[i] for i in range(len(ds))], False)
@@ -145,6 +144,7 @@ def _fixed_batch_loss(unet, pipe, resolution):
     return torch.stack(losses).mean().item()
 
 
+@pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, tiny_dir):
     from sdatom.models import load_pipeline
 
@@ -239,13 +239,14 @@ def test_resume_may_change_steps_with_a_constant_schedule(tmp_path):
 
 
 def test_seed_seeds_the_lora_initialisation(tiny_dir):
+    from sdatom.methods import get_method
     from sdatom.models import load_pipeline
-    from sdatom.train import add_adapter
 
     def lora_init(seed, global_seed):
         unet = load_pipeline(str(tiny_dir)).unet
         torch.manual_seed(global_seed)  # a fresh process starts its global RNG at random
-        add_adapter(unet, TrainConfig(subject="x", class_name="y", method="lora", seed=seed))
+        lora = get_method("lora")
+        lora.add(unet, TrainConfig(subject="x", class_name="y", method="lora", seed=seed))
         return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
 
     a, b, c = lora_init(0, 11), lora_init(0, 22), lora_init(1, 11)
@@ -355,7 +356,7 @@ def test_mixed_precision_not_set_follows_accelerate_and_is_recorded(tmp_path, mo
 def test_class_images_use_the_training_precision_on_gpus():
     from types import SimpleNamespace
 
-    from sdatom.train import class_image_precision
+    from sdatom.data import class_image_precision
 
     def acc(device, mp):
         return SimpleNamespace(device=torch.device(device), mixed_precision=mp)

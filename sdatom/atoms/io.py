@@ -29,10 +29,10 @@ from torch import nn
 import sdatom
 from sdatom.atoms.config import AtomConfig
 from sdatom.atoms.inject import _add, _plan, atom_layers
-from sdatom.errors import AdapterError, ConfigError
+from sdatom.errors import AdapterError, ConfigError, first_line
 from sdatom.fileio import atomic_path
 
-FORMAT = "sdatom-atoms"
+FORMAT = "sdatom-atoms"  # the metadata tag of an atoms file: its one home
 # 2: every trainable number is a degree of freedom (linear coder: at most k² filter atoms and
 # k_c² channel atoms; 1×1 convs: one atom). Version 1 files are converted on loading.
 FORMAT_VERSION = 2
@@ -181,11 +181,25 @@ def save_atoms(
 
 
 # ----------------------------------------------------------------------------- load
-def _looks_like_lora(keys: list[str]) -> str | None:
+def lora_key(keys: list[str]) -> str | None:
+    """The first key that marks a LoRA file (diffusers/peft/kohya naming), or None.
+
+    The one LoRA-file detector: the atoms loader and the run reader both ask it.
+    """
     for key in keys:
         if "lora_" in key or ".lora." in key or key.endswith(".alpha"):
             return key
     return None
+
+
+# What safetensors raises for a file it cannot read (truncated, corrupt, not safetensors).
+UNREADABLE = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
+    """The metadata and tensor names of a safetensors file (raises one of ``UNREADABLE``)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {}), list(f.keys())
 
 
 def _open(path: str | os.PathLike) -> tuple[Path, dict[str, str], list[str]]:
@@ -193,16 +207,13 @@ def _open(path: str | os.PathLike) -> tuple[Path, dict[str, str], list[str]]:
     if not path.is_file():
         raise AdapterError(f"{path}: no such adapter file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            keys = list(f.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        meta, keys = read_safetensors_header(path)
+    except UNREADABLE as exc:
         raise AdapterError(
-            f"{path}: not a readable safetensors file (truncated or corrupt?): {first}"
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {first_line(exc)}"
         ) from None
     if meta.get("format") != FORMAT:
-        lora = _looks_like_lora(keys)
+        lora = lora_key(keys)
         if lora:
             raise AdapterError(
                 f"{path}: looks like a LoRA file (key {lora!r}), not an sdatom "
@@ -249,9 +260,8 @@ def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AdapterError(
-            f"{path}: cannot read its tensors (truncated or corrupt?): {first}"
+            f"{path}: cannot read its tensors (truncated or corrupt?): {first_line(exc)}"
         ) from None
 
 

@@ -23,6 +23,7 @@ from torchvision import transforms as T
 
 from sdatom.errors import UsageError
 from sdatom.eval.common import RANDOM_WARNING
+from sdatom.models import hub_offline
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -73,18 +74,6 @@ class Backbones:
     random: bool
     device: str
     names: dict[str, str | None] = field(default_factory=dict)
-
-
-def _offline() -> bool:
-    """Offline mode as the environment says now (the hub reads it only once, at import)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
-            return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -170,7 +159,7 @@ def _load_clip(
                 "pass --clip-weights PATH"
             )
         cached = _cached_clip_checkpoint(tag_cfg)
-        if cached is None and _offline():
+        if cached is None and hub_offline():
             raise UsageError(
                 f"CLIP weights for {name} are not available offline: pass --clip-weights PATH "
                 "(an open_clip checkpoint) or --random-backbones for a smoke test"
@@ -250,10 +239,10 @@ def _build_dino(
     if weights is None:
         try:
             model = ViTModel.from_pretrained(
-                DEFAULT_DINO, add_pooling_layer=False, local_files_only=_offline()
+                DEFAULT_DINO, add_pooling_layer=False, local_files_only=hub_offline()
             )
         except (OSError, ValueError) as err:
-            if _offline():
+            if hub_offline():
                 raise UsageError(
                     f"DINO weights {DEFAULT_DINO} are not available offline: pass --dino-weights "
                     "PATH (a folder with config.json + model.safetensors, or a .safetensors "
@@ -436,7 +425,7 @@ def load_backbones(
             f"--dino-weights {dino_weights} does not exist: pass a local copy of {DEFAULT_DINO} "
             "(folder or .safetensors file)"
         )
-    if not random and _offline():
+    if not random and hub_offline():
         _check_offline_weights(clip_model, clip_weights, clip_pretrained, dino_weights)
     clip, clip_pre, tokenizer, clip_name = _load_clip(
         clip_model, clip_weights, clip_pretrained, random, device

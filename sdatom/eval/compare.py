@@ -11,6 +11,7 @@ from pathlib import Path
 from sdatom.errors import UsageError
 from sdatom.eval.common import METRICS, PAGE_CSS, RANDOM_WARNING, fmt, metric_label, random_banner
 from sdatom.fileio import atomic_path, atomic_write_text
+from sdatom.runs import read_json_object, read_run
 
 __all__ = ["compare", "human_bytes"]
 
@@ -49,32 +50,16 @@ def _human_seconds(s: object) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s"
 
 
-def _load_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path} is not valid JSON ({err}): {what}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} does not hold a JSON object: {what}")
-    return data
-
-
 def _read_run(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        raise UsageError(f"run folder {run_dir} does not exist: pass folders under runs/")
-    summary_file = run_dir / "train_summary.json"
-    if not summary_file.is_file():
-        raise UsageError(
-            f"run {run_dir.name} ({run_dir}) has no train_summary.json: pass a run folder "
-            "written by `sdatom train`"
-        )
+    """One row of the table: the run's summary and its eval/metrics.json."""
+    run = read_run(run_dir, need="summary")
     metrics_file = run_dir / "eval" / "metrics.json"
     if not metrics_file.is_file():
         raise UsageError(
             f"run {run_dir.name} has no eval/metrics.json: run `sdatom eval --run {run_dir}` first"
         )
-    summary = _load_json(summary_file, "re-run `sdatom train`")
-    metrics = _load_json(metrics_file, f"re-run `sdatom eval --run {run_dir}`")
+    summary = run.summary
+    metrics = read_json_object(metrics_file, f"re-run `sdatom eval --run {run_dir}`")
     return {
         "run": run_dir.name,
         "dir": str(run_dir),

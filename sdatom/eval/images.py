@@ -12,11 +12,9 @@ from PIL import Image, UnidentifiedImageError
 
 from sdatom.data import find_images
 from sdatom.errors import DataError, UsageError
+from sdatom.sample import GRID, MANIFEST
 
 __all__ = ["GeneratedImage", "read_generated", "read_manifest_settings"]
-
-MANIFEST = "manifest.json"
-GRID = "grid.png"
 
 
 @dataclass(frozen=True)

@@ -258,19 +258,13 @@ def _group_by_prompt(images: list[GeneratedImage]) -> dict[str, list[int]]:
 
 def _read_run_info(out_dir: Path, images_dir: Path) -> dict:
     """Run name/method/model from the run folder around ``out_dir`` (``runs/<name>/eval``)."""
-    for run_dir in (out_dir.parent, images_dir.parent):
-        summary_file = run_dir / "train_summary.json"
-        if summary_file.is_file():
-            try:
-                summary = json.loads(summary_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(summary, dict):
-                keys = ("method", "preset", "model", "token", "class_name", "trainable_params")
-                return {"name": run_dir.name, "dir": str(run_dir)} | {
-                    k: summary.get(k) for k in keys
-                }
-    return {}
+    from sdatom.runs import find_run
+
+    run = find_run(out_dir.parent, images_dir.parent)
+    if run is None:
+        return {}
+    keys = ("method", "preset", "model", "token", "class_name", "trainable_params")
+    return {"name": run.name, "dir": str(run.path)} | {k: run.summary.get(k) for k in keys}
 
 
 def evaluate(

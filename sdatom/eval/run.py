@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 
 from sdatom.errors import UsageError
-
-MANIFEST = "manifest.json"
+from sdatom.sample import MANIFEST
 
 
 def _sample_folders(run_dir: Path) -> list[Path]:
