@@ -144,6 +144,7 @@ def test_oracle_metrics_score_drawn_pictures_exactly():
         images.append(world.draw(obj))
     overall, rows = quality.oracle_metrics(s, prompts, images, "sks")
     assert overall["oracle_fidelity"] == 1.0 and overall["oracle_alignment"] == 1.0
+    assert overall["oracle_alignment_background"] == overall["oracle_alignment_position"] == 1.0
     assert overall["oracle_drift"] == 0.0
     # Swap the class images for the subject: drift becomes 1.
     drifted = [

@@ -81,6 +81,16 @@ METRICS: tuple[tuple[str, str, str], ...] = (
         "toy world: share of subject-prompt images with the prompted background and position",
     ),
     (
+        "oracle_alignment_background",
+        "Oracle alignment (background)",
+        "toy world: share of subject-prompt images with the prompted background",
+    ),
+    (
+        "oracle_alignment_position",
+        "Oracle alignment (position)",
+        "toy world: share of subject-prompt images with the prompted position",
+    ),
+    (
         "oracle_drift",
         "Oracle drift",
         "toy world: share of class-prompt images (no token) that show the subject; lower = "

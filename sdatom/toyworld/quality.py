@@ -131,9 +131,11 @@ def oracle_metrics(
             row["role"] = "subject"
             checks = []
             if asked.background:
-                checks.append(seen.background == asked.background)
+                row["aligned_background"] = seen.background == asked.background
+                checks.append(row["aligned_background"])
             if asked.position:
-                checks.append(seen.position == asked.position)
+                row["aligned_position"] = seen.position == asked.position
+                checks.append(row["aligned_position"])
             row["aligned"] = all(checks)
         elif asked.token is None and asked.appearance is None and asked.shape == subject.shape:
             row["role"] = "class"
@@ -152,13 +154,15 @@ def oracle_metrics(
         rows.append(row)
 
     def mean(role: str, key: str) -> float | None:
-        vals = [float(r[key]) for r in rows if r["role"] == role]
+        vals = [float(r[key]) for r in rows if r["role"] == role and key in r]
         return float(np.mean(vals)) if vals else None
 
     classes = [r["seen"] for r in rows if r["role"] == "class"]
     overall = {
         "oracle_fidelity": mean("subject", "is_subject"),
         "oracle_alignment": mean("subject", "aligned"),
+        "oracle_alignment_background": mean("subject", "aligned_background"),
+        "oracle_alignment_position": mean("subject", "aligned_position"),
         "oracle_drift": mean("class", "is_subject"),
         "oracle_class_diversity": gini_simpson(classes) if classes else None,
         "oracle_world": mean("world", "correct"),
