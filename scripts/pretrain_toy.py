@@ -404,7 +404,9 @@ def export(work: Path, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--stage", required=True, choices=["vae", "clip", "attrnet", "unet", "export", "eval"]
+        "--stage",
+        required=True,
+        choices=["vae", "clip", "attrnet", "unet", "export", "eval", "report"],
     )
     ap.add_argument("--work", default="runs/pretrain-toy", help="state, log and curve folder")
     ap.add_argument("--out", default=str(toy.WEIGHTS), help="where --stage export writes")
