@@ -165,3 +165,21 @@ def geomean(values: list[float]) -> float:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=None, sort_keys=False, default=float)
+
+
+def write_report_section(path, name: str, lines: list[str]) -> None:
+    """Rewrite only the ``<!-- name: start -->`` ... ``<!-- name: end -->`` part of a report
+    file (QUALITY.md): the rest is kept; the section is appended when the markers are absent."""
+    from pathlib import Path
+
+    from sdatom.fileio import atomic_write_text
+
+    path = Path(path)
+    start, end = f"<!-- {name}: start -->", f"<!-- {name}: end -->"
+    text = "\n".join([start, *lines, end])
+    old = path.read_text() if path.is_file() else ""
+    if start in old and end in old:
+        text = old[: old.index(start)] + text + old[old.index(end) + len(end) :]
+    elif old:
+        text = old.rstrip() + "\n\n" + text + "\n"
+    atomic_write_text(path, text if text.endswith("\n") else text + "\n")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import write_report_section
 
 from sdatom.config import build_config
 from sdatom.toyworld import quality, subjects, world
@@ -177,7 +178,6 @@ def one_run(
     return record
 
 
-START, END = "<!-- bench_quality: start -->", "<!-- bench_quality: end -->"
 KEYS = (
     "oracle_fidelity",
     "oracle_alignment_background",
@@ -256,14 +256,7 @@ def write_report(path: Path, summary: dict, base: dict, command: str, seconds: f
                 + " |"
             )
     lines.append("")
-    # Only the benchmark's own section is rewritten; the rest of the file is kept.
-    text = "\n".join([START, *lines, END])
-    old = path.read_text() if path.is_file() else ""
-    if START in old and END in old:
-        text = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
-    elif old:
-        text = old.rstrip() + "\n\n" + text + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
+    write_report_section(path, "bench_quality", lines)
 
 
 def plot(path: Path, summary: dict) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_common import write_report_section
 from PIL import Image
 
 from sdatom.fileio import atomic_path, atomic_write_text
@@ -104,11 +105,6 @@ def resume(work: Path, stage: str, modules: dict, opt) -> tuple[int, dict]:
     opt.load_state_dict(state["optimizer"])
     log(work, f"{stage}: resumed at step {state['step']}")
     return state["step"], state["extra"]
-
-
-def finished(work: Path, stage: str) -> bool:
-    state = load_state(work, stage)
-    return state is not None and state["step"] >= STEPS[stage]
 
 
 def set_lr(opt, lr: float) -> None:
@@ -295,15 +291,9 @@ def train_unet(work: Path, save_every: int, eval_every: int, eval_n: int = 100) 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=LR["unet"], weight_decay=0.01)
     ema = EMA(modules)
-    state = load_state(work, "unet")
-    step = 0
-    if state is not None:
-        for k, m in modules.items():
-            m.load_state_dict(state["modules"][k])
-        opt.load_state_dict(state["optimizer"])
-        ema.shadow = {k: v.clone() for k, v in state["extra"]["ema"].items()}
-        step = state["step"]
-        log(work, f"unet: resumed at step {step}")
+    step, extra = resume(work, "unet", modules, opt)
+    if extra:
+        ema.shadow = extra["ema"]
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     t0, losses = time.time(), []
@@ -440,7 +430,6 @@ def main() -> None:
         print(json.dumps(report, indent=2))
 
 
-START, END = "<!-- pretrain_toy: start -->", "<!-- pretrain_toy: end -->"
 TARGETS = (  # (label, where in report.json, target)
     ("background", ("base_model", "held_in", "background"), 0.98),
     ("appearance (solid)", ("base_model", "held_in", "appearance_solid"), 0.95),
@@ -510,13 +499,7 @@ def write_quality_section(work: Path, path: Path) -> None:
         f"Log: {len(log_lines)} lines; first {log_lines[0][:8]}, last {log_lines[-1][:8]}.",
         "",
     ]
-    text = "\n".join([START, *lines, END])
-    old = path.read_text() if path.is_file() else ""
-    if START in old and END in old:
-        text = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
-    elif old:
-        text = old.rstrip() + "\n\n" + text + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
+    write_report_section(path, "pretrain_toy", lines)
 
 
 @torch.no_grad()
