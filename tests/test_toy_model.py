@@ -188,3 +188,15 @@ def test_eval_of_a_toy_run_adds_the_oracle_and_names_the_toy_backbones(tmp_path)
     assert "toy" in metrics["backbones"]["clip"]
     page = (run / "eval" / "report.html").read_text()
     assert "Oracle fidelity" in page
+
+
+def test_toy_without_its_weights_is_a_one_line_error(tmp_path, monkeypatch):
+    from sdatom.errors import ModelLoadError
+    from sdatom.models import load_pipeline
+    from sdatom.toyworld import model as toy_model
+
+    monkeypatch.setattr(toy_model, "TOY_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(ModelLoadError) as err:
+        load_pipeline("toy")
+    message = str(err.value)
+    assert "\n" not in message and "pretrain_toy.py" in message and "--model tiny" in message
