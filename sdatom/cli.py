@@ -143,6 +143,7 @@ def train(
     class_name: Annotated[str | None, _field_option("class_name", "--class-name", "-c")] = None,
     model: ModelOpt = None,
     model_config: Annotated[str | None, _field_option("model_config", "--model-config")] = None,
+    vae: Annotated[str | None, _field_option("vae", "--vae")] = None,
     output: Annotated[str | None, _field_option("output", "--output", "-o")] = None,
     method: Annotated[str | None, _field_option("method", "--method")] = None,
     preset: PresetOpt = None,
@@ -224,6 +225,7 @@ def train(
         class_name=class_name,
         model=model,
         model_config=model_config,
+        vae=vae,
         output=output,
         method=method,
         preset=preset,
@@ -351,6 +353,10 @@ def sample(
         str | None,
         typer.Option("--model-config", help="For a single-file --model: its diffusers configs."),
     ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option("--vae", help="A VAE instead of the model's (default: the run's own)."),
+    ] = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -385,6 +391,7 @@ def sample(
         device=device,
         dtype=dtype,
         model_config=model_config,
+        vae=vae,
         force=force,
         progress=not quiet,
     )

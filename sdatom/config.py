@@ -41,10 +41,14 @@ class TrainConfig:
     class_name: str | None = _field(None, "The subject's class, e.g. dog (never guessed).")
     token: str = _field("sks", "Placeholder token that names the subject in prompts.")
     model: str | None = _field(
-        None, "Base model spec (hub id, folder, file, toy, tiny, random:sd15)."
+        None, "Base model spec (hub id, folder, file, toy, tiny, tiny-sdxl, random:sd15/sd21/sdxl)."
     )
     model_config: str | None = _field(
         None, "For a single-file --model: the diffusers folder or hub id of its configs."
+    )
+    vae: str | None = _field(
+        None,
+        "A VAE to use instead of the model's (folder, hub id or file), e.g. an fp16-fix SDXL VAE.",
     )
     output: str | None = _field(None, "Run folder. Default: runs/<subject folder name>.")
     # Method

@@ -309,13 +309,16 @@ def prepare_image(
     flip: bool = False,
     rng: random.Random | None = None,
     source: str | os.PathLike | None = None,
-) -> torch.Tensor:
+    return_crop: bool = False,
+):
     """Resize, crop and normalise an RGB image into a ``(3, resolution, resolution)`` tensor.
 
     The shorter side is resized to ``resolution`` (bicubic; upscaling warns, naming ``source``
     when given), then a square is cropped from the centre, or at a position drawn from ``rng``
     when ``center_crop`` is False (``rng=None`` means ``random.Random(0)``, so the result is
     always deterministic). ``flip`` mirrors the result horizontally. Values are in [-1, 1].
+    With ``return_crop``, also returns the crop's (top, left) corner in the resized image as
+    seen after the flip (what SDXL's size conditioning records).
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
@@ -330,7 +333,10 @@ def prepare_image(
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-    return pixels.float().div(127.5).sub(1.0).contiguous()
+    pixels = pixels.float().div(127.5).sub(1.0).contiguous()
+    if not return_crop:
+        return pixels
+    return pixels, (top, width - left - resolution if flip else left)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -442,8 +448,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
         self.instance_paths = _as_image_list(instance_images, recursive=recursive, subject=True)
         self.instance_prompts = [caption_for(p, default_prompt) for p in self.instance_paths]
+        loaded = [load_image(p) for p in self.instance_paths]
+        #: (height, width) of each instance photo before resizing (SDXL's size ids).
+        self.instance_sizes = [(img.height, img.width) for img in loaded]
         self._instance_images = [
-            _resize_shorter_side(load_image(p), resolution, p) for p in self.instance_paths
+            _resize_shorter_side(img, resolution, p)
+            for img, p in zip(loaded, self.instance_paths, strict=True)
         ]
 
         self.class_paths: list[Path] = []
@@ -468,30 +478,42 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         # Seeding with a str hashes it with SHA-512: stable across processes and Python runs.
         return random.Random(f"sdatom-data:{self.seed}:{self.epoch}:{index}")
 
-    def _augment(self, img: Image.Image, rng: random.Random, source: Path) -> torch.Tensor:
+    def _augment(
+        self, img: Image.Image, rng: random.Random, source: Path, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pixels, and (original h, w, crop top, left) of the crop actually taken."""
         flip = rng.random() < self.hflip_prob
-        return prepare_image(
+        pixels, (top, left) = prepare_image(
             img,
             self.resolution,
             center_crop=self.center_crop,
             flip=flip,
             rng=rng,
             source=source,
+            return_crop=True,
         )
+        return pixels, torch.tensor([size[0], size[1], top, left])
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         rng = self._rng(index)
         i = index % len(self.instance_paths)
+        pixels, size = self._augment(
+            self._instance_images[i], rng, self.instance_paths[i], self.instance_sizes[i]
+        )
         item: dict = {
-            "instance_pixels": self._augment(self._instance_images[i], rng, self.instance_paths[i]),
+            "instance_pixels": pixels,
             "instance_prompt": self.instance_prompts[i],
+            "instance_size": size,
         }
         if self.class_paths:
             c = index % len(self.class_paths)
             path = self.class_paths[c]
-            item["class_pixels"] = self._augment(load_image(path), rng, path)
+            img = load_image(path)
+            item["class_pixels"], item["class_size"] = self._augment(
+                img, rng, path, (img.height, img.width)
+            )
             item["class_prompt"] = self.class_prompt
         return item
 
@@ -500,25 +522,33 @@ def collate_dreambooth(examples: Sequence[dict], with_prior: bool) -> dict:
     """Stack a batch: instance rows first, then (with prior preservation) class rows.
 
     Returns ``{"pixels": (B,3,H,W) float tensor, "prompts": list[str],
-    "is_prior": (B,) bool tensor}`` where ``is_prior`` marks the class rows, as diffusers'
-    collate does (it later splits the batch in two halves for the prior loss).
+    "is_prior": (B,) bool tensor, "sizes": (B,4) long tensor}`` where ``is_prior`` marks the
+    class rows, as diffusers' collate does (it later splits the batch in two halves for the
+    prior loss), and ``sizes`` holds each row's own original size and crop corner (SDXL).
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
     pixels = [ex["instance_pixels"] for ex in examples]
     prompts = [ex["instance_prompt"] for ex in examples]
+    sizes = [ex["instance_size"] for ex in examples]
     n_prior = 0
     if with_prior:
         if any("class_pixels" not in ex for ex in examples):
             raise ValueError("with_prior=True but the examples hold no class images")
         pixels += [ex["class_pixels"] for ex in examples]
         prompts += [ex["class_prompt"] for ex in examples]
+        sizes += [ex["class_size"] for ex in examples]
         n_prior = len(examples)
     stacked = torch.stack(pixels).to(memory_format=torch.contiguous_format).float()
     is_prior = torch.zeros(len(pixels), dtype=torch.bool)
     if n_prior:
         is_prior[len(examples) :] = True
-    return {"pixels": stacked, "prompts": prompts, "is_prior": is_prior}
+    return {
+        "pixels": stacked,
+        "prompts": prompts,
+        "is_prior": is_prior,
+        "sizes": torch.stack(sizes),
+    }
 
 
 # --------------------------------------------------------------------------- class images
@@ -690,13 +720,20 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class Encoders:
-    """The frozen VAE and text encoder, with caches: each image and prompt is encoded once."""
+    """The frozen VAE and text encoders, with caches: each image and prompt is encoded once.
+
+    What the prompts become (one text encoder's hidden states, or SDXL's two plus a pooled
+    embedding and size ids) is the model family's business (:mod:`sdatom.families`).
+    """
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, cache: bool):
-        self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        from sdatom.families import family_of
+
+        self.pipe, self.family = pipe, family_of(pipe)
+        self.vae = pipe.vae
         self.device, self.dtype, self.cache = device, dtype, cache
         self._latents: dict[str, torch.Tensor] = {}
-        self._prompts: dict[str, torch.Tensor] = {}
+        self._prompts: dict[str, Any] = {}
 
     @torch.no_grad()
     def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -705,7 +742,7 @@ class Encoders:
         for image in pixels:
             key = hashlib.sha1(image.numpy().tobytes()).hexdigest() if self.cache else None
             if key is None or key not in self._latents:
-                x = image[None].to(self.device, self.dtype)
+                x = image[None].to(self.device, self.vae.dtype)
                 moments = self.vae.encode(x).latent_dist.parameters.float()
                 if key is None:
                     out.append(moments)
@@ -715,14 +752,20 @@ class Encoders:
         return torch.cat(out)
 
     @torch.no_grad()
-    def prompts(self, prompts: list[str]) -> torch.Tensor:
+    def conditioning(self, prompts: list[str]):
+        """The family's :class:`~sdatom.families.Conditioning` of ``prompts``, one row each."""
+        from sdatom.families import Conditioning
+
         for p in set(prompts) - self._prompts.keys():
-            ids = self.tokenizer(
-                p,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            self._prompts[p] = self.text_encoder(ids)[0].float()
-        return torch.cat([self._prompts[p] for p in prompts])
+            self._prompts[p] = self.family.encode_prompts(self.pipe, [p], self.device)
+        return Conditioning.cat([self._prompts[p] for p in prompts])
+
+    def prompts(self, prompts: list[str]) -> torch.Tensor:
+        """The text encoders' hidden states for ``prompts`` (the UNet's cross-attention input)."""
+        return self.conditioning(prompts).hidden
+
+    def unet_kwargs(
+        self, prompts: list[str], sizes: torch.Tensor | None, resolution: int
+    ) -> dict[str, Any]:
+        """Keyword arguments of the UNet for a batch: its conditioning, per row."""
+        return self.family.unet_kwargs(self.conditioning(prompts), sizes, resolution)

@@ -1,4 +1,5 @@
-"""Model specs: one function turns a spec into a diffusers Stable Diffusion pipeline.
+"""Model specs: one function turns a spec into a diffusers Stable Diffusion (1.x, 2.x or XL)
+pipeline; what differs between those families lives in :mod:`sdatom.families`.
 
 A spec is one of
 
@@ -7,7 +8,9 @@ A spec is one of
 - a single ``.safetensors``/``.ckpt`` checkpoint file (diffusers' single-file loader);
 - ``tiny``: a tiny SD-architecture pipeline with random weights, built offline and
   deterministically, with the real CLIP tokenizer (the embedded default for demos and tests);
-- ``random:sd15`` / ``random:sd21``: the real published architectures with random weights;
+- ``tiny-sdxl``: the same for SDXL (two text encoders of different widths, SDXL's topology);
+- ``random:sd15`` / ``random:sd21`` / ``random:sdxl``: the real published architectures with
+  random weights;
 - ``toy``: the project's own pretrained toy-world model (32 px), shipped inside the package
   (see :mod:`sdatom.toyworld`): the one built-in model whose pictures mean something.
 
@@ -23,142 +26,26 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdatom.errors import ModelLoadError, UsageError, first_line
+from sdatom.families import ARCHITECTURES, Family, family_of_class
+from sdatom.families.base import Architecture
+from sdatom.families.sd import CLIP_VOCAB_SIZE
 from sdatom.fileio import cache_dir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILT_SPECS = ("tiny", "random:sd15", "random:sd21")
+BUILT_SPECS = tuple(ARCHITECTURES)
 SHIPPED_SPECS = ("toy",)
-CLIP_VOCAB_SIZE = 49408
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Bump when a built architecture or its initialisation changes: it invalidates the disk cache.
 BUILD_VERSION = 1
-
-# The scheduler every SD-1.x checkpoint ships (PNDM, scaled-linear betas).
-_SD_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """The configs of one Stable Diffusion architecture (UNet, VAE, text encoder)."""
-
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    text_encoder: dict[str, Any]
-    prediction_type: str = "epsilon"
-    pad_token: str = "<|endoftext|>"
-
-
-_SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-_SD_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-_CLIP_L_TEXT = {
-    "vocab_size": CLIP_VOCAB_SIZE,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "tiny": Architecture(
-        unet={
-            "sample_size": 32,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "block_out_channels": [32, 64],
-            "layers_per_block": 1,
-            "cross_attention_dim": 32,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-        },
-        vae={
-            **_SD_VAE,
-            "down_block_types": ["DownEncoderBlock2D"] * 2,
-            "up_block_types": ["UpDecoderBlock2D"] * 2,
-            "block_out_channels": [32, 64],
-            "layers_per_block": 1,
-            "sample_size": 64,
-        },
-        text_encoder={
-            **_CLIP_L_TEXT,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "projection_dim": 32,
-        },
-    ),
-    "random:sd15": Architecture(unet=_SD15_UNET, vae=_SD_VAE, text_encoder=_CLIP_L_TEXT),
-    # stabilityai/stable-diffusion-2-1 (768 px, v-prediction, OpenCLIP ViT-H text encoder).
-    "random:sd21": Architecture(
-        unet={
-            **_SD15_UNET,
-            "sample_size": 96,
-            "cross_attention_dim": 1024,
-            "attention_head_dim": [5, 10, 20, 20],
-            "use_linear_projection": True,
-            "upcast_attention": True,
-        },
-        vae={**_SD_VAE, "sample_size": 768},
-        text_encoder={
-            **_CLIP_L_TEXT,
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 23,
-            "num_attention_heads": 16,
-            "hidden_act": "gelu",
-            "projection_dim": 512,
-        },
-        prediction_type="v_prediction",
-        pad_token="!",
-    ),
-}
-
 
 # ----------------------------------------------------------------------------- devices
 
@@ -274,27 +161,11 @@ def build_unet(spec: str, device: str | torch.device = "cpu", seed: int = 0):
 
 
 def build_pipeline(spec: str, seed: int = 0):
-    """Build the pipeline of ``spec`` (``tiny`` or ``random:*``) with seeded random weights."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The pipeline of a built ``spec`` (``tiny``, ``random:*``) with seeded random weights."""
+    from sdatom.families import get_family
 
     arch = _architecture(spec)
-    unet = build_unet(spec, seed=seed)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**arch.vae)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
-    scheduler = PNDMScheduler(**{**_SD_SCHEDULER, "prediction_type": arch.prediction_type})
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(arch.pad_token),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return get_family(arch.family).build(arch, seed)
 
 
 def built_pipeline_dir(spec: str) -> Path:
@@ -408,11 +279,14 @@ def load_pipeline(
     device: str | torch.device | None = "cpu",
     xformers: bool = False,
     config: str | None = None,
+    vae: str | None = None,
 ):
-    """Turn a model spec into a ``StableDiffusionPipeline`` on ``device`` in ``dtype``.
+    """Turn a model spec into a diffusers pipeline of its family (``StableDiffusionPipeline``
+    for SD-1.x/2.x, ``StableDiffusionXLPipeline`` for SDXL) on ``device`` in ``dtype``.
 
     ``config`` is the diffusers folder or hub id whose configs a single-file checkpoint uses
-    (diffusers infers it from the checkpoint when online).
+    (diffusers infers it from the checkpoint when online). ``vae`` replaces the model's VAE
+    (a diffusers folder, hub id or single file), e.g. an fp16-safe SDXL VAE.
     """
     spec = spec or default_model()
     _quiet_loaders()
@@ -430,7 +304,13 @@ def load_pipeline(
         pipe = _from_folder(Path(spec), torch_dtype)
     else:
         pipe = _from_hub(spec, torch_dtype)
-    check_tokenizer(pipe.tokenizer, pipe.text_encoder.config.vocab_size, spec)
+    if vae:
+        pipe.vae = load_vae(vae, torch_dtype)
+    from sdatom.families import family_of
+
+    family = family_of(pipe)
+    for tokenizer, encoder in zip(family.tokenizers(pipe), family.text_encoders(pipe), strict=True):
+        check_tokenizer(tokenizer, encoder.config.vocab_size, spec)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if xformers:
@@ -449,8 +329,9 @@ def _quiet_loaders() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def check_folder(folder: Path) -> None:
-    """Refuse a folder that is not a diffusers SD-1/2 pipeline, with the reason."""
+def check_folder(folder: Path) -> Family:
+    """The family of a diffusers pipeline folder; a folder that is not a supported pipeline is
+    refused with the reason."""
     index = folder / "model_index.json"
     if not folder.is_dir() or not index.is_file():
         raise ModelLoadError(
@@ -461,36 +342,38 @@ def check_folder(folder: Path) -> None:
         cls = json.loads(index.read_text()).get("_class_name", "")
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{index} is not valid JSON ({e.msg}): the folder is damaged")
-    _check_supported(cls, str(folder))
-
-
-def _check_supported(pipeline_class: str, source: str) -> None:
-    if "XL" in pipeline_class or "StableDiffusion3" in pipeline_class or "Flux" in pipeline_class:
-        raise ModelLoadError(
-            f"{source} is a {pipeline_class} model, which is not supported yet: sdatom works "
-            "with Stable Diffusion 1.x and 2.x models"
-        )
+    return family_of_class(cls, str(folder))
 
 
 def _from_folder(folder: Path, torch_dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
-    check_folder(folder)
+    family = check_folder(folder)
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            folder, dtype=torch_dtype, safety_checker=None, local_files_only=True
+        return family.pipeline_class().from_pretrained(
+            folder, dtype=torch_dtype, local_files_only=True, **_no_safety_checker(family)
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the pipeline in {folder}: {first_line(e)}")
 
 
-def _from_hub(model_id: str, torch_dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
+def _no_safety_checker(family: Family) -> dict[str, Any]:
+    # SD-1.x/2.x pipelines carry an optional safety checker; SDXL pipelines have none.
+    return {"safety_checker": None} if family.name == "sd" else {}
 
+
+def _hub_family(model_id: str, offline: bool) -> Family:
+    """The family of a hub model, from its ``model_index.json`` (a few hundred bytes)."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(model_id, local_files_only=offline)
+    return family_of_class(index.get("_class_name", ""), model_id)
+
+
+def _from_hub(model_id: str, torch_dtype: torch.dtype):
     offline = hub_offline()
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            model_id, dtype=torch_dtype, safety_checker=None, local_files_only=offline
+        family = _hub_family(model_id, offline)
+        return family.pipeline_class().from_pretrained(
+            model_id, dtype=torch_dtype, local_files_only=offline, **_no_safety_checker(family)
         )
     except (OSError, ValueError) as e:
         why = (
@@ -504,21 +387,68 @@ def _from_hub(model_id: str, torch_dtype: torch.dtype):
         )
 
 
-def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None):
-    from diffusers import StableDiffusionPipeline
+# Keys that tell single-file checkpoints apart (the layouts of diffusers' single-file loader).
+_SINGLE_FILE_MARKERS = (
+    ("conditioner.embedders.1.model.", "StableDiffusionXLPipeline"),
+    ("model.diffusion_model.joint_blocks.", "StableDiffusion3Pipeline"),
+    ("double_blocks.", "FluxPipeline"),
+    ("model.diffusion_model.double_blocks.", "FluxPipeline"),
+)
 
+
+def _single_file_family(path: Path, config: str | None) -> Family:
+    if config:
+        if Path(config).exists():
+            return check_folder(Path(config))
+        return _hub_family(config, hub_offline())
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        for marker, cls in _SINGLE_FILE_MARKERS:
+            if any(k.startswith(marker) for k in keys):
+                return family_of_class(cls, str(path))
+    return family_of_class("StableDiffusionPipeline", str(path))
+
+
+def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None):
     if not path.is_file():
         raise ModelLoadError(f"checkpoint file {path} does not exist")
     if path.suffix.lower() == ".safetensors":
         _check_safetensors_header(path)
+    family = _single_file_family(path, config)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if config:
         kwargs["config"] = config
         kwargs["local_files_only"] = Path(config).exists()
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        return family.pipeline_class().from_single_file(str(path), **kwargs)
     except Exception as e:  # diffusers raises many types for a bad or foreign file
         raise ModelLoadError(_single_file_problem(path, e, config)) from e
+
+
+def load_vae(spec: str, torch_dtype: torch.dtype):
+    """A VAE to use instead of the model's own: a diffusers folder (a VAE or a whole
+    pipeline), a hub id or a single ``.safetensors`` file."""
+    from diffusers import AutoencoderKL
+
+    path = Path(spec)
+    try:
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            if not path.is_file():
+                raise ModelLoadError(f"--vae {spec}: the file does not exist")
+            return AutoencoderKL.from_single_file(str(path), torch_dtype=torch_dtype)
+        sub = "vae" if (path / "model_index.json").is_file() else None
+        local = path.exists() or hub_offline()
+        return AutoencoderKL.from_pretrained(
+            spec, subfolder=sub, torch_dtype=torch_dtype, local_files_only=local
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"--vae {spec}: cannot load a VAE from it ({first_line(e)}); pass a diffusers VAE "
+            "folder, a pipeline folder, a hub id or a .safetensors file"
+        ) from None
 
 
 def _check_safetensors_header(path: Path) -> None:

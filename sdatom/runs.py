@@ -168,6 +168,7 @@ def load_run_pipeline(
     model: str | None = None,
     xformers: bool = False,
     model_config: str | None = None,
+    vae: str | None = None,
     force: bool = False,
 ):
     """Load the run's base model (or ``model`` instead) and apply the run's trained adapter.
@@ -176,7 +177,8 @@ def load_run_pipeline(
     default; ``merge=False`` keeps the atom layers live); LoRA is loaded with
     ``load_lora_weights`` and fused when ``merge``; a full fine-tune swaps in its UNet.
     ``force`` loads atoms whose base-model fingerprint does not match (with a warning).
-    Returns a ``StableDiffusionPipeline``.
+    ``vae`` replaces the VAE (default: the run's own ``vae`` setting, if any).
+    Returns the family's pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
     """
     from sdatom.models import load_pipeline
 
@@ -187,5 +189,8 @@ def load_run_pipeline(
             f"{run.path / CONFIG_FILE} names no 'model'; pass the base model with --model"
         )
     model_config = model_config or (None if model else run.config.get("model_config"))
-    pipe = load_pipeline(spec, dtype=dtype, device=device, xformers=xformers, config=model_config)
+    vae = vae or (None if model else run.config.get("vae"))
+    pipe = load_pipeline(
+        spec, dtype=dtype, device=device, xformers=xformers, config=model_config, vae=vae
+    )
     return get_method(run.method).apply(pipe, run.adapter, merge=merge, force=force, spec=spec)

@@ -354,6 +354,7 @@ def run_sampling(
     device: str | None = "auto",
     dtype: str = "auto",
     model_config: str | None = None,
+    vae: str | None = None,
     force: bool = False,
     progress: bool = True,
     **option_values: Any,
@@ -379,7 +380,8 @@ def run_sampling(
     dtype = auto_dtype(torch_device) if dtype == "auto" else dtype
     if the_run is None or base:
         spec = model or (the_run.model if the_run is not None else None) or default_model()
-        pipe = load_pipeline(spec, dtype=dtype, device=device, config=model_config)
+        vae = vae or (the_run.config.get("vae") if the_run is not None and not model else None)
+        pipe = load_pipeline(spec, dtype=dtype, device=device, config=model_config, vae=vae)
         adapter = None
     else:
         spec = model or the_run.model or ""
@@ -390,6 +392,7 @@ def run_sampling(
             device=device,
             model=model,
             model_config=model_config,
+            vae=vae,
             force=force,
         )
         adapter = str(the_run.adapter)

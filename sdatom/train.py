@@ -155,14 +155,18 @@ def diffusion_loss(
     unet: torch.nn.Module,
     scheduler: Any,
     moments: torch.Tensor,
-    embeddings: torch.Tensor,
+    embeddings: torch.Tensor | dict[str, Any],
     is_prior: torch.Tensor,
     generators: list[torch.Generator],
     config: TrainConfig,
     scaling_factor: float,
 ) -> torch.Tensor:
     """The DreamBooth loss: MSE to the noise (or velocity) target, instance rows plus
-    ``prior_loss_weight`` × class rows, with optional min-SNR weighting and noise offset."""
+    ``prior_loss_weight`` × class rows, with optional min-SNR weighting and noise offset.
+
+    ``embeddings``: the text hidden states, or the UNet's conditioning keyword arguments
+    (:meth:`sdatom.data.Encoders.unet_kwargs`; SDXL adds pooled embeddings and size ids).
+    """
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     draws = [torch.randn(mean.shape[1:], generator=g) for g in generators]
@@ -184,7 +188,8 @@ def diffusion_loss(
     else:
         raise ConfigError(f"the model's scheduler predicts {prediction_type!r}: not supported")
     # Inputs stay fp32: under mixed precision accelerate runs the UNet in autocast.
-    pred = unet(noisy, t, embeddings).sample
+    cond = embeddings if isinstance(embeddings, dict) else {"encoder_hidden_states": embeddings}
+    pred = unet(noisy, t, **cond).sample
     per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma is not None:
         snr = snr_of(scheduler, t)
@@ -277,6 +282,7 @@ def train(
     from tqdm.auto import tqdm
 
     from sdatom.data import Encoders, class_images
+    from sdatom.families import family_of
     from sdatom.models import enable_xformers, load_pipeline
 
     subject_images = check_run(config, resume=resume, overwrite=overwrite)
@@ -284,8 +290,13 @@ def train(
     # Every process has checked the output folder (check_run) before any process writes to it.
     accelerator.wait_for_everyone()
     pipe = load_pipeline(
-        _model_of(config), dtype="fp32", device=accelerator.device, config=config.model_config
+        _model_of(config),
+        dtype="fp32",
+        device=accelerator.device,
+        config=config.model_config,
+        vae=config.vae,
     )
+    family = family_of(pipe)
     # Not set: accelerate's own setting (launch flag, config file, environment) applied;
     # config.yaml records the precision actually used, and the model's native resolution.
     plan = plan_run(
@@ -306,8 +317,10 @@ def train(
     # -- build: the base model, frozen, with the method's trainable parameters
     if c.xformers:
         enable_xformers(pipe, accelerator.device)
+    text_encoders = family.text_encoders(pipe)
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for encoder in text_encoders:
+        encoder.requires_grad_(False)
     images = class_images(c, pipe, accelerator, progress_bar)
     unet = pipe.unet
     params = method.add(unet, c)
@@ -316,8 +329,9 @@ def train(
         for p in unet.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(weight_dtype)
-    pipe.vae.to(dtype=weight_dtype)
-    pipe.text_encoder.to(dtype=weight_dtype)
+    pipe.vae.to(dtype=family.vae_dtype(pipe, weight_dtype, custom_vae=bool(c.vae)))
+    for encoder in text_encoders:
+        encoder.to(dtype=weight_dtype)
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable_count = method.count(params)
@@ -517,12 +531,13 @@ def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step,
         local = r - n_inst if prior else r
         gens.append(sample_generator(c.seed, step, micro, (base + local) * 2 + int(prior)))
     moments = encoders.latent_moments(batch["pixels"].cpu())
-    embeddings = encoders.prompts(batch["prompts"])
+    # Each row (instance or class) gets its own prompt's conditioning and its own size ids.
+    cond = encoders.unet_kwargs(batch["prompts"], batch["sizes"], c.resolution)
     return diffusion_loss(
         unet,
         scheduler,
         moments,
-        embeddings,
+        cond,
         batch["is_prior"].to(moments.device),
         gens,
         c,

@@ -354,13 +354,13 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
     _error_line(result, str(folder), "not a diffusers pipeline folder")
 
 
-def test_sdxl_model_is_not_supported_yet(tmp_path):
-    folder = tmp_path / "sdxl"
+def test_sd3_model_is_refused_with_the_reason(tmp_path):
+    folder = tmp_path / "sd3"
     folder.mkdir()
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0"}
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0"}
     (folder / "model_index.json").write_text(json.dumps(index))
     result = _train(_subject(tmp_path), tmp_path / "run", "--model", str(folder))
-    _error_line(result, str(folder), "StableDiffusionXLPipeline", "not supported yet")
+    _error_line(result, str(folder), "StableDiffusion3Pipeline", "one patch-embedding convolution")
 
 
 def test_corrupted_safetensors_checkpoint(tmp_path, tiny_dir):

@@ -502,7 +502,7 @@ def test_dataset_items_and_length(tmp_path):
 def test_dataset_without_class_images(tmp_path):
     ds = _dataset(tmp_path, class_images=None)
     assert len(ds) == 3 and not ds.with_prior
-    assert set(ds[0]) == {"instance_pixels", "instance_prompt"}
+    assert set(ds[0]) == {"instance_pixels", "instance_prompt", "instance_size"}
 
 
 def test_dataset_is_deterministic_per_seed_epoch_index(tmp_path):

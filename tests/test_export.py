@@ -183,7 +183,7 @@ def test_sd15_keys_match_the_original_layout():
         vae = AutoencoderKL(**arch.vae)
         text = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
     unet = build_unet("random:sd15", device="meta")
-    state = to_ldm_state_dict(SimpleNamespace(unet=unet, vae=vae, text_encoder=text))
+    state = to_ldm_state_dict(SimpleNamespace(unet=unet, vae=vae, text_encoder=text), family="sd")
     unet_keys = {k for k in state if k.startswith("model.diffusion_model.")}
     assert unet_keys == _script_convert_unet(list(unet.state_dict()))
     assert len(unet_keys) == 686
@@ -208,17 +208,39 @@ def test_sd15_keys_match_the_original_layout():
     assert state["first_stage_model.encoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)
 
 
-def test_sd2_single_file_is_refused_clearly():
-    from types import SimpleNamespace
+def _same_weights(a, b) -> list[str]:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
 
-    from sdatom.models import build_unet
 
-    text = SimpleNamespace(config=SimpleNamespace(hidden_act="gelu"))
-    pipe = SimpleNamespace(
-        unet=build_unet("random:sd21", device="meta"), vae=None, text_encoder=text
+def test_sd2_layout_single_file_reads_back_identical_weights(tmp_path):
+    """SD-2.x's OpenCLIP text encoder (fused q/k/v, resblocks, gelu) in its original layout."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from sdatom.families import ARCHITECTURES, get_family
+
+    tiny = ARCHITECTURES["tiny"]
+    arch = replace(
+        tiny,
+        text_encoders=({**tiny.text_encoder, "hidden_act": "gelu"},),
+        scheduler={**tiny.scheduler, "prediction_type": "v_prediction"},
+        pad_tokens=("!",),
     )
-    with pytest.raises(UsageError, match="SD-2.x .* not supported yet"):
-        to_ldm_state_dict(pipe)
+    pipe = get_family("sd").build(arch, seed=3)
+    pipe.save_pretrained(tmp_path / "sd2", safe_serialization=True)
+    state = to_ldm_state_dict(pipe)
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in state
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "sd2.safetensors"))
+    back = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "sd2.safetensors"), config=str(tmp_path / "sd2"), local_files_only=True
+    )
+    for component in ("unet", "vae", "text_encoder"):
+        assert _same_weights(getattr(pipe, component), getattr(back, component)) == [], component
 
 
 def test_export_refuses_existing_targets_and_bad_options(atoms_run, tmp_path):

@@ -87,11 +87,17 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
         models.load_pipeline(str(tmp_path))
 
 
-def test_sdxl_is_not_supported_yet(tmp_path):
-    (tmp_path / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusionXLPipeline"})
-    )
-    with pytest.raises(ModelLoadError, match="not supported yet"):
+@pytest.mark.parametrize(
+    ("cls", "why"),
+    [
+        ("StableDiffusion3Pipeline", "one patch-embedding convolution"),
+        ("FluxPipeline", "no convolutions"),
+        ("KandinskyPipeline", "does not support"),
+    ],
+)
+def test_denoisers_without_convolutions_are_refused_with_the_reason(tmp_path, cls, why):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    with pytest.raises(ModelLoadError, match=why):
         models.load_pipeline(str(tmp_path))
 
 
@@ -116,7 +122,7 @@ def test_corrupted_checkpoint_file(tmp_path):
 
 def test_unknown_built_spec():
     with pytest.raises(ModelLoadError, match="random:sd15"):
-        models.load_pipeline("random:sdxl")
+        models.load_pipeline("random:sd99")
 
 
 def test_default_model_follows_environment(monkeypatch):

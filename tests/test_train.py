@@ -45,7 +45,7 @@ def _assert_same_tensors(a, b, atol):
 class _ZeroUNet(torch.nn.Module):
     """Predicts zeros: the loss is then the mean square of the target, row by row."""
 
-    def forward(self, x, t, emb):
+    def forward(self, x, t, encoder_hidden_states=None, **kwargs):
         return type("Out", (), {"sample": torch.zeros_like(x)})()
 
 
@@ -456,7 +456,7 @@ def test_bad_config_files(tmp_path, yaml_text, message):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["tiny", "sd15", "sd21"])
+@pytest.mark.parametrize("name", ["tiny", "sd15", "sd21", "sdxl"])
 def test_shipped_configs_are_valid(name):
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     config = load_config(os.path.join(root, f"{name}.yaml"))
