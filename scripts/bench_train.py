@@ -87,13 +87,19 @@ def make_inputs(unet: torch.nn.Module, res: int) -> dict[str, torch.Tensor]:
         "emb": torch.randn(1, 77, unet.config.cross_attention_dim, generator=g),
         "target": torch.randn(1, unet.config.out_channels, side, side, generator=g),
     }
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and size ids
+        pooled = unet.config.projection_class_embeddings_input_dim
+        pooled -= 6 * unet.config.addition_time_embed_dim
+        out["text_embeds"] = torch.randn(1, pooled, generator=g)
+        out["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32)
     return {k: v.to(p.device, p.dtype) for k, v in out.items()}
 
 
 def train_step(unet: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str) -> None:
     x = inputs["latent"].clone().requires_grad_(method == "frozen")
     t = torch.tensor([500], device=x.device)
-    out = unet(x, t, encoder_hidden_states=inputs["emb"]).sample
+    added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
+    out = unet(x, t, encoder_hidden_states=inputs["emb"], added_cond_kwargs=added or None).sample
     F.mse_loss(out.float(), inputs["target"].float()).backward()
     for p in unet.parameters():
         p.grad = None
@@ -185,6 +191,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: UNet steps only)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="instead of the mode's set")
+    ap.add_argument(
+        "--unet-only", action="store_true", help="the UNet steps only (no layer/sampling ratios)"
+    )
     args = ap.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
@@ -197,11 +207,27 @@ def main() -> None:
     else:
         spec, res, methods, reps = args.model or "random:sd15", args.res or 128, ALL_METHODS, 5
         memory = ALL_METHODS
+    if args.methods:
+        methods = args.methods
+        memory = [m for m in memory if m in methods]
     unet_res = bench_unet(
         spec, res, methods, reps, memory, not args.quick, device=args.device, dtype=dtype
     )
-    if args.device != "cpu":
-        print(bc.dump({"unet": unet_res, "device": torch.cuda.get_device_name(), "res": res}))
+    if args.device != "cpu" or args.unet_only:
+        where = torch.cuda.get_device_name() if args.device != "cpu" else bc.machine()
+        ratios = {
+            m: {
+                "x_frozen": bc.ratio(v["step_s"], unet_res["frozen"]["step_s"])
+                if "frozen" in unet_res
+                else math.nan,
+                "x_lora_attn": bc.ratio(v["step_s"], unet_res["lora-attn"]["step_s"])
+                if "lora-attn" in unet_res
+                else math.nan,
+            }
+            for m, v in unet_res.items()
+        }
+        out = {"model": spec, "unet": unet_res, "ratios": ratios, "device": where, "res": res}
+        print(bc.dump({**out, "wall_s": time.perf_counter() - t0}))
         return
     layers = bench_layers.run(
         quick=args.quick, memory=not (args.quick or args.smoke), smoke=args.smoke

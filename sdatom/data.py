@@ -319,6 +319,10 @@ def prepare_image(
     always deterministic). ``flip`` mirrors the result horizontally. Values are in [-1, 1].
     With ``return_crop``, also returns the crop's (top, left) corner in the resized image as
     seen after the flip (what SDXL's size conditioning records).
+
+    Written with PIL rather than torchvision's transforms: the crop corner must be known (SDXL)
+    and drawn from the item's own ``rng`` (exact resume and multi-process), and torchvision is
+    not otherwise a dependency.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")

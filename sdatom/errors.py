@@ -65,3 +65,10 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     name when it has none: what a one-line error message quotes."""
     text = str(e).strip().splitlines()
     return text[0][:limit] if text else type(e).__name__
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's whole message joined onto one line (at most ``limit`` characters): for
+    hub and transformers errors, whose first line alone rarely says what went wrong."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -241,7 +241,11 @@ def sample(
 
 
 def make_grid(images: Sequence[Image.Image], rows: int | None = None) -> Image.Image:
-    """Tile same-sized images row by row: ``rows`` rows, or a near-square grid when None."""
+    """Tile same-sized images row by row: ``rows`` rows, or a near-square grid when None.
+
+    diffusers' ``make_image_grid`` needs ``rows × cols == len(images)``; a sample grid is often
+    ragged (7 prompts × 1 image), so the last row may be short here.
+    """
     if not images:
         raise ValueError("make_grid needs at least one image")
     count = len(images)

@@ -192,7 +192,7 @@ def test_train_sample_eval_export_round_trip_through_the_cli(tmp_path, xl_dir):
               "--height", "64", "--width", "64", "--quiet"]
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["eval", "--run", str(run), "--quiet"])
+    result = runner.invoke(app, ["eval", "--run", str(run), "--random-backbones", "--quiet"])
     assert result.exit_code == 0, result.output
     adapted = _images(load_run_pipeline(run))
     base = _images(StableDiffusionXLPipeline.from_pretrained(str(xl_dir)))
@@ -243,8 +243,11 @@ def test_sdxl_resume_equals_uninterrupted(tmp_path, xl_dir):
 
 
 def _two_process_worker(cfg_dict):
+    from accelerate import PartialState
+
     from sdatom.train import train
 
+    PartialState._reset_state()  # forked from a process that already ran single-process runs
     train(TrainConfig.from_dict(cfg_dict), progress_bar=False)
 
 
@@ -259,6 +262,8 @@ def test_sdxl_two_processes_match_one_process_with_twice_the_batch(tmp_path, xl_
     one = train(_config(tmp_path, xl_dir, "one", batch_size=2, **common), progress_bar=False)
     two = _config(tmp_path, xl_dir, "two", batch_size=1, **common).to_dict()
     debug_launcher(_two_process_worker, args=(two,), num_processes=2)
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["processes"] == 2
     a, b = load_file(str(one.adapter)), load_file(str(tmp_path / "two" / "adapter.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

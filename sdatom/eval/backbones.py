@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from sdatom.errors import UsageError
+from sdatom.errors import UsageError, one_line
 from sdatom.eval.common import RANDOM_WARNING
 from sdatom.models import hub_offline
 
@@ -74,12 +74,6 @@ class Backbones:
     random: bool
     device: str
     names: dict[str, str | None] = field(default_factory=dict)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (hub and transformers errors span several)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -148,7 +142,7 @@ def _load_clip(
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             raise UsageError(
                 f"--clip-weights {path} is not an open_clip checkpoint of {name} "
-                f"({_one_line(err)}); pass the matching --clip-model"
+                f"({one_line(err)}); pass the matching --clip-model"
             ) from None
         label = f"{name} ({path.name})"
     else:
@@ -174,7 +168,7 @@ def _load_clip(
         except (RuntimeError, OSError) as err:
             raise UsageError(
                 f"CLIP weights for {name} ({pretrained}) could not be loaded "
-                f"({_one_line(err)}): pass --clip-weights PATH (an open_clip checkpoint) "
+                f"({one_line(err)}): pass --clip-weights PATH (an open_clip checkpoint) "
                 "or --random-backbones"
             ) from None
         label = f"{name} ({pretrained})"
@@ -249,7 +243,7 @@ def _build_dino(
                     "file) or --random-backbones for a smoke test"
                 ) from None
             raise UsageError(
-                f"DINO weights {DEFAULT_DINO} could not be loaded ({_one_line(err)}): "
+                f"DINO weights {DEFAULT_DINO} could not be loaded ({one_line(err)}): "
                 "pass --dino-weights PATH"
             ) from None
         return model.to(device).eval(), DEFAULT_DINO
@@ -260,7 +254,7 @@ def _build_dino(
             model = ViTModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
         except (OSError, ValueError) as err:
             raise UsageError(
-                f"--dino-weights {path} is not a ViT model folder ({_one_line(err)}): pass a "
+                f"--dino-weights {path} is not a ViT model folder ({one_line(err)}): pass a "
                 "folder with config.json and model.safetensors, or a .safetensors file"
             ) from None
     elif path.is_file() and path.suffix == ".safetensors":
@@ -300,7 +294,7 @@ def _dino_from_safetensors(path: Path) -> nn.Module:
             return ViTModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise UsageError(
-                f"--dino-weights {path} does not hold DINO ViT-S/16 weights ({_one_line(err)})"
+                f"--dino-weights {path} does not hold DINO ViT-S/16 weights ({one_line(err)})"
             ) from None
 
 
@@ -415,7 +409,7 @@ def load_backbones(
     try:
         torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise UsageError(f"--device {device!r} is not a torch device ({_one_line(err)})") from None
+        raise UsageError(f"--device {device!r} is not a torch device ({one_line(err)})") from None
     if clip_weights is not None and not Path(clip_weights).is_file():
         raise UsageError(
             f"--clip-weights {clip_weights} is not a file: pass an open_clip checkpoint"

@@ -61,6 +61,16 @@ CLIP_L_TEXT = {
     "projection_dim": 768,
 }
 
+#: The tiny models' text encoder: CLIP's layout and tokenizer at toy width.
+TINY_TEXT = {
+    **CLIP_L_TEXT,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+
 ARCHITECTURES: dict[str, Architecture] = {
     "tiny": Architecture(
         family="sd",
@@ -84,16 +94,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "layers_per_block": 1,
             "sample_size": 64,
         },
-        text_encoders=(
-            {
-                **CLIP_L_TEXT,
-                "hidden_size": 32,
-                "intermediate_size": 37,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "projection_dim": 32,
-            },
-        ),
+        text_encoders=(TINY_TEXT,),
         scheduler=SCHEDULER,
     ),
     "random:sd15": Architecture(

@@ -11,7 +11,14 @@ import torch
 
 from sdatom.families import ldm
 from sdatom.families.base import Architecture, Conditioning, Family
-from sdatom.families.sd import CLIP_L_TEXT, CLIP_VOCAB_SIZE, SD_VAE, build_modules, tokenize
+from sdatom.families.sd import (
+    CLIP_L_TEXT,
+    CLIP_VOCAB_SIZE,
+    SD_VAE,
+    TINY_TEXT,
+    build_modules,
+    tokenize,
+)
 
 __all__ = ["ARCHITECTURES", "StableDiffusionXL", "time_ids"]
 
@@ -94,15 +101,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "force_upcast": True,
         },
         text_encoders=(
-            {
-                **CLIP_L_TEXT,
-                **_OLD_CLIP_IDS,
-                "hidden_size": 32,
-                "intermediate_size": 37,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "projection_dim": 32,
-            },
+            {**TINY_TEXT, **_OLD_CLIP_IDS},
             {
                 **BIGG_TEXT,
                 "hidden_size": 64,
