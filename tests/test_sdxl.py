@@ -163,6 +163,39 @@ def test_every_method_trains_on_sdxl(tmp_path, xl_dir, method):
     assert np.isfinite(result.final_loss)
 
 
+def test_sdxl_gradient_checkpointing_gives_the_same_adapter(tmp_path, xl_dir):
+    from safetensors.torch import load_file
+
+    from sdatom.train import train
+
+    plain = train(_config(tmp_path, xl_dir, "plain", prior=False, lr=1e-3), progress_bar=False)
+    ckpt = train(
+        _config(tmp_path, xl_dir, "ckpt", prior=False, lr=1e-3, gradient_checkpointing=True),
+        progress_bar=False,
+    )
+    a, b = load_file(str(plain.adapter)), load_file(str(ckpt.adapter))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_sdxl_bf16_keeps_atoms_fp32_and_the_vae_in_fp32(tmp_path, xl_dir):
+    from sdatom.atoms import trainable_parameters
+    from sdatom.families import get_family
+    from sdatom.train import train
+
+    result = train(
+        _config(tmp_path, xl_dir, "bf16", prior=False, mixed_precision="bf16"), progress_bar=False
+    )
+    assert all(p.dtype == torch.float32 for p in trainable_parameters(result.unet))
+    assert result.unet.conv_in.base_layer.weight.dtype == torch.bfloat16
+    assert np.isfinite(result.final_loss)
+    # SDXL's own VAE overflows in fp16: it stays fp32 unless an fp16-safe --vae is given.
+    family, vae = get_family("sdxl"), type("P", (), {})()
+    vae.vae = type("V", (), {"config": {"force_upcast": True}})()
+    assert family.vae_dtype(vae, torch.float16, custom_vae=False) == torch.float32
+    assert family.vae_dtype(vae, torch.float16, custom_vae=True) == torch.float16
+
+
 def _images(pipe, seed=0):
     g = torch.Generator("cpu").manual_seed(seed)
     out = pipe(
@@ -269,3 +302,18 @@ def test_sdxl_two_processes_match_one_process_with_twice_the_batch(tmp_path, xl_
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     assert any(v.abs().max() > 1e-4 for k, v in a.items() if "d0" not in k)
+
+
+def test_vae_option_replaces_the_vae_and_bad_paths_fail_in_one_line(xl_dir, tiny_dir, tmp_path):
+    from sdatom.errors import ModelLoadError
+    from sdatom.models import load_pipeline
+
+    # Another VAE of the same latent layout: the tiny SD model's, saved as a VAE folder.
+    other = load_pipeline(str(tiny_dir)).vae
+    other.save_pretrained(tmp_path / "vae")
+    pipe = load_pipeline(str(xl_dir), vae=str(tmp_path / "vae"))
+    assert pipe.vae.config.block_out_channels == other.config.block_out_channels
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(),
+                                                 other.state_dict().values(), strict=True))  # fmt: skip
+    with pytest.raises(ModelLoadError, match=r"^--vae .*nothing: cannot load a VAE"):
+        load_pipeline(str(xl_dir), vae=str(tmp_path / "nothing"))
