@@ -155,3 +155,19 @@ def test_bf16_pipeline_has_bf16_unet(tiny_dir):
 def test_xformers_falls_back_with_a_reason(tiny_pipe):
     with pytest.warns(UserWarning, match="xformers"):
         assert models.enable_xformers(tiny_pipe, torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "patch-embedding"),
+        ("double_blocks.0.img_attn.qkv.weight", "no convolutions"),
+    ],
+)
+def test_sd3_and_flux_single_files_are_refused_with_the_reason(tmp_path, key, why):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(2)}, str(path))
+    with pytest.raises(ModelLoadError, match=why):
+        models.load_pipeline(str(path))
