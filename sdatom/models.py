@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from sdatom.errors import ModelLoadError, UsageError, first_line
-from sdatom.families import ARCHITECTURES, Family, family_of_class
+from sdatom.families import ARCHITECTURES, Family, family_of_class, family_of_single_file
 from sdatom.families.base import Architecture
 from sdatom.families.sd import CLIP_VOCAB_SIZE
 from sdatom.fileio import cache_dir
@@ -349,15 +349,10 @@ def _from_folder(folder: Path, torch_dtype: torch.dtype):
     family = check_folder(folder)
     try:
         return family.pipeline_class().from_pretrained(
-            folder, dtype=torch_dtype, local_files_only=True, **_no_safety_checker(family)
+            folder, dtype=torch_dtype, local_files_only=True, **family.load_kwargs
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the pipeline in {folder}: {first_line(e)}")
-
-
-def _no_safety_checker(family: Family) -> dict[str, Any]:
-    # SD-1.x/2.x pipelines carry an optional safety checker; SDXL pipelines have none.
-    return {"safety_checker": None} if family.name == "sd" else {}
 
 
 def _hub_family(model_id: str, offline: bool) -> Family:
@@ -373,7 +368,7 @@ def _from_hub(model_id: str, torch_dtype: torch.dtype):
     try:
         family = _hub_family(model_id, offline)
         return family.pipeline_class().from_pretrained(
-            model_id, dtype=torch_dtype, local_files_only=offline, **_no_safety_checker(family)
+            model_id, dtype=torch_dtype, local_files_only=offline, **family.load_kwargs
         )
     except (OSError, ValueError) as e:
         why = (
@@ -387,15 +382,6 @@ def _from_hub(model_id: str, torch_dtype: torch.dtype):
         )
 
 
-# Keys that tell single-file checkpoints apart (the layouts of diffusers' single-file loader).
-_SINGLE_FILE_MARKERS = (
-    ("conditioner.embedders.1.model.", "StableDiffusionXLPipeline"),
-    ("model.diffusion_model.joint_blocks.", "StableDiffusion3Pipeline"),
-    ("double_blocks.", "FluxPipeline"),
-    ("model.diffusion_model.double_blocks.", "FluxPipeline"),
-)
-
-
 def _single_file_family(path: Path, config: str | None) -> Family:
     if config:
         if Path(config).exists():
@@ -405,11 +391,8 @@ def _single_file_family(path: Path, config: str | None) -> Family:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-        for marker, cls in _SINGLE_FILE_MARKERS:
-            if any(k.startswith(marker) for k in keys):
-                return family_of_class(cls, str(path))
-    return family_of_class("StableDiffusionPipeline", str(path))
+            return family_of_single_file(list(f.keys()), str(path))
+    return family_of_single_file([], str(path))  # a pickle: read as SD-1.x/2.x
 
 
 def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None):

@@ -24,6 +24,7 @@ __all__ = [
     "Family",
     "family_of",
     "family_of_class",
+    "family_of_single_file",
     "get_family",
 ]
 
@@ -36,6 +37,12 @@ ARCHITECTURES: dict[str, Architecture] = {**_SD, **_SDXL}
 _NO_CONVS = {
     "StableDiffusion3": "SD3's transformer has one patch-embedding convolution",
     "Flux": "Flux's transformer has no convolutions",
+}
+# Key prefixes of those families' original single-file checkpoints.
+_NO_CONVS_MARKERS = {
+    "model.diffusion_model.joint_blocks.": "StableDiffusion3Pipeline",
+    "double_blocks.": "FluxPipeline",
+    "model.diffusion_model.double_blocks.": "FluxPipeline",
 }
 
 
@@ -59,6 +66,17 @@ def family_of_class(pipeline_class: str, source: str) -> Family:
         f"{source} is a {pipeline_class or 'unknown'} pipeline, which sdatom does not support: "
         "it works with Stable Diffusion 1.x, 2.x and SDXL models"
     )
+
+
+def family_of_single_file(keys: list[str], source: str) -> Family:
+    """The family of an original single-file checkpoint, from its key names."""
+    for family in FAMILIES.values():
+        if family.single_file_marker and any(k.startswith(family.single_file_marker) for k in keys):
+            return family
+    for marker, cls in _NO_CONVS_MARKERS.items():
+        if any(k.startswith(marker) for k in keys):
+            family_of_class(cls, source)  # raises, saying why
+    return next(f for f in FAMILIES.values() if f.single_file_marker is None)
 
 
 def family_of(pipe: Any) -> Family:

@@ -68,6 +68,11 @@ class Family:
     label: str = ""
     #: The diffusers pipeline class names this family loads.
     pipeline_classes: tuple[str, ...] = ()
+    #: Extra keyword arguments of the pipeline's ``from_pretrained``.
+    load_kwargs: dict[str, Any] = {}
+    #: A key prefix only this family's original single-file checkpoints hold (None: the
+    #: family a file without any other family's marker is read as).
+    single_file_marker: str | None = None
 
     def pipeline_class(self):
         """The diffusers pipeline class that loads and runs this family."""

@@ -169,6 +169,7 @@ class StableDiffusion(Family):
     name = "sd"
     label = "Stable Diffusion 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)
+    load_kwargs = {"safety_checker": None}  # an optional component sdatom never uses
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
         return [pipe.text_encoder]

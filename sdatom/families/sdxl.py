@@ -129,6 +129,7 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     label = "Stable Diffusion XL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    single_file_marker = "conditioner.embedders.1.model."
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
         return [pipe.text_encoder, pipe.text_encoder_2]
