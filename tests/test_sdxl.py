@@ -252,6 +252,12 @@ def test_train_sample_eval_export_round_trip_through_the_cli(tmp_path, xl_dir):
         assert a.keys() == b.keys(), name
         assert all(torch.equal(a[k], b[k]) for k in a), name
     np.testing.assert_allclose(_images(back), adapted, atol=ATOL_FP32, rtol=0)
+    # sdatom reads its own single file back as SDXL (--model FILE --model-config FOLDER)
+    from sdatom.models import load_pipeline
+
+    again = load_pipeline(str(single), config=str(tmp_path / "m"))
+    assert type(again).__name__ == "StableDiffusionXLPipeline"
+    np.testing.assert_allclose(_images(again), adapted, atol=ATOL_FP32, rtol=0)
 
 
 @pytest.mark.slow
