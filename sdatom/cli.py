@@ -36,9 +36,9 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Base model: a hub id, a local diffusers folder, a .safetensors/.ckpt file, 'toy' "
-        "(the pretrained toy-world model), 'tiny' or 'random:sd15'/'random:sd21'. "
-        "Default: $SDATOM_MODEL or SD-1.5.",
+        help="Base model (SD-1.x, SD-2.x or SDXL): a hub id, a local diffusers folder, a "
+        ".safetensors/.ckpt file, 'toy' (the pretrained toy-world model), 'tiny', 'tiny-sdxl' or "
+        "'random:sd15'/'random:sd21'/'random:sdxl'. Default: $SDATOM_MODEL or SD-1.5.",
         show_default=False,
     ),
 ]
