@@ -2,7 +2,7 @@
 
 Methods on the same layer (input gradient always needed, as inside a UNet):
   frozen      the layer alone, no trainable parameter: the floor
-  atoms       AtomConv2d, linear coder, m = 9 (default dispatch: sdatom/atoms/gemm.py)
+  atoms       AtomConv2d, linear coder, m = 9 (default dispatch: sdatom/atoms/kernels)
   atoms-conv  the same, forced onto the generic path (one conv fwd + convolution_backward
               with the weight gradient, contracted into ΔD)
   atoms-gemm  the same, forced onto the im2col path (3×3 only)
@@ -34,8 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sdatom.atoms import AtomConfig, AtomConv2d, AtomLinear  # noqa: E402
-from sdatom.atoms.decompose import filter_rows, linear_atoms, projector  # noqa: E402
-from sdatom.atoms.gemm import force_path  # noqa: E402
+from sdatom.atoms.kernels import force_path  # noqa: E402
+from sdatom.atoms.method import filter_rows, linear_atoms, projector  # noqa: E402
 
 # (label, channels, latent side, batch) of SD-1.5's 3×3 convs: 128 px → latent 16, 512 → 64.
 CONV_128 = [("320@16", 320, 16), ("640@8", 640, 8), ("1280@4", 1280, 4), ("1280@2", 1280, 2)]
