@@ -13,19 +13,22 @@ Paths (every one exact; the tests compare each with autograd on the plain formul
              transposes (:mod:`.channel`)
 
 :func:`apply` is the dispatch (the atom layers' forward calls it once); :func:`choose_path`
-its rule; ``with force_path(name):`` makes every layer that can take that path take it (the
+its rule. Between ``conv`` and ``gemm`` the rule is a measurement for large shapes (timed once
+per shape at first use and cached, on any device: :mod:`.tune`) and a fixed threshold for
+small ones. ``with force_path(name):`` makes every layer that can take that path take it (the
 others take their kind's generic path), for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from sdatom.atoms.kernels import generic
+from sdatom.atoms.kernels import generic, tune
 from sdatom.atoms.kernels.channel import block_mix_linear
 from sdatom.atoms.kernels.tapmix import scaled_conv2d, tap_mix_conv2d
 from sdatom.atoms.method import Update, channel_atoms, mix
@@ -52,8 +55,20 @@ def force_path(path: str | None) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- the rule
-def conv_path(x: torch.Tensor, conv: nn.Conv2d, weight_needs_grad: bool = False) -> str:
-    """The path of a conv with linear-coder filter atoms (no sub-atoms) for input ``x``."""
+def conv_path(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    weight_needs_grad: bool = False,
+    measure: Callable[[str], None] | None = None,
+    per_channel: bool = False,
+) -> str:
+    """The path of a conv with linear-coder filter atoms for input ``x``.
+
+    1×1: ``scalar``. k×k: large shapes with ``measure`` (one forward + backward on a given
+    path) take the faster of ``conv`` and ``gemm`` as measured once per shape
+    (:mod:`.tune`, any device); otherwise the fixed rule: on the CPU ``gemm`` when
+    B·L ≤ c_out, else ``conv``.
+    """
     kh, kw = conv.kernel_size
     if weight_needs_grad or x.dim() != 4:
         return "conv"
@@ -62,10 +77,15 @@ def conv_path(x: torch.Tensor, conv: nn.Conv2d, weight_needs_grad: bool = False)
     gemm_ok = conv.groups == 1
     if _forced is not None:
         return "gemm" if _forced == "gemm" and gemm_ok else "conv"
-    if not gemm_ok or x.device.type != "cpu":
-        return "conv"  # on CUDA keep cuDNN (unmeasured here: see BENCHMARKS.md)
+    if not gemm_ok:
+        return "conv"
     h_out, w_out = _out_size(x.shape[-2:], conv)
     positions = x.shape[0] * h_out * w_out
+    if measure is not None and tune.applies(x, conv, positions):
+        k = tune.key(x, conv, generic.compute_dtype(x), per_channel)
+        return tune.choose(k, ("conv", "gemm"), measure)
+    if x.device.type != "cpu":
+        return "conv"  # small shapes on CUDA: cuDNN
     return "gemm" if positions <= GEMM_POSITIONS_PER_CHANNEL * conv.out_channels else "conv"
 
 
@@ -77,18 +97,38 @@ def linear_path(weight: torch.Tensor) -> str:
     return "fused" if _forced in (None, "fused") else "generic"
 
 
-def choose_path(x: torch.Tensor, base: nn.Module, update: Update, num_factors: int) -> str:
-    """The path for ``base`` (a Conv2d or Linear) with ``update`` on input ``x``;
-    ``num_factors`` 4 = overcomplete (sub-atoms: M per input channel)."""
+def choose_path(
+    x: torch.Tensor, base: nn.Module, update: Update, factors: Sequence[torch.Tensor]
+) -> str:
+    """The path for ``base`` (a Conv2d or Linear) with ``update`` and ``factors`` (ΔD, P or α
+    [, β, D1]: four = sub-atoms, M per input channel) on input ``x``."""
     if isinstance(base, nn.Linear):
         if update.kind == "channel" and update.coder == "linear":
             return linear_path(base.weight)
         return "generic"
     if update.kind == "filter" and update.coder == "linear":
-        if num_factors == 4 and base.groups != 1:
+        per_channel = len(factors) == 4
+        if per_channel and base.groups != 1:
             return "conv"  # per-channel M of a grouped conv: the generic path
-        return conv_path(x, base, base.weight.requires_grad)
+        measure = functools.partial(_measure, x, base, update, factors)
+        return conv_path(x, base, base.weight.requires_grad, measure, per_channel)
     return "conv"
+
+
+def _measure(
+    x: torch.Tensor, base: nn.Module, update: Update, factors: Sequence[torch.Tensor], path: str
+) -> None:
+    """One forward + backward of ``path`` on a random input of x's shape and the layer's own
+    weight and factors (copies: no gradient reaches the layer or the model)."""
+    with torch.no_grad():
+        xs = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    xs.requires_grad_(x.requires_grad)
+    fs = [f.detach().requires_grad_(f.requires_grad) for f in factors]
+    with force_path(path):
+        y = apply(xs, base, update, fs)
+    inputs = [t for t in [xs, *fs] if t.requires_grad]
+    if inputs:
+        torch.autograd.grad(y, inputs, torch.randn_like(y))
 
 
 def _out_size(hw: tuple[int, int] | torch.Size, conv: nn.Conv2d) -> tuple[int, int]:
@@ -108,7 +148,7 @@ def apply(
 
     ``factors``: ΔD, the coefficients (P or α), then β and D1 with sub-atoms.
     """
-    path = choose_path(x, base, update, len(factors))
+    path = choose_path(x, base, update, factors)
     if path == "conv":
         return generic.atom_conv2d(x, base.weight, base.bias, base, update.delta, factors)
     if path == "generic":
