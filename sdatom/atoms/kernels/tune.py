@@ -9,8 +9,9 @@ first training forward of a shape (grad enabled), each candidate runs forward + 
 the layer's own weight and a random input of that shape (one warm-up, then the median of
 ``REPS``), and the fastest is kept in an in-process table for the rest of the run.
 
-Small shapes (under ``MIN_MACS`` multiply-adds: every SD-1.5 shape at 128 px, every test
-layer) keep the fixed rule: a measurement there costs more than it can win, and the choice
+Small shapes (under ``MIN_MACS`` multiply-adds per forward: every SD-1.5 3×3 shape at 128 px
+batch 1, every test layer, and the 512 px shapes at 8×8 outputs, where the rule is right) keep
+the fixed rule: a measurement there costs more than it can win, and the choice
 stays deterministic. ``SDATOM_KERNEL_TUNING=0`` turns measuring off (the fixed rule
 everywhere). Every path is exact, so the choice changes speed and rounding only.
 """
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 #: shapes with fewer multiply-adds per forward (B·L·c_out·c_in·k²) keep the fixed rule
-MIN_MACS = 5e8
+MIN_MACS = 1e9
 REPS = 3
 _table: dict[tuple, str] = {}
 _timings: dict[tuple, dict[str, float]] = {}
