@@ -5,14 +5,15 @@ M = P·ΔD (k²×k²). The generic path (:mod:`sdatom.atoms.kernels.generic`) pa
 full weight gradient dW' (one extra convolution-sized pass plus a weight-sized tensor) and
 then contracts it into M. Two cheaper paths exist:
 
-``gemm`` (k×k kernels, CPU, few output positions). Im2col: U = unfold(x) (B, c_in·k², L).
+``gemm`` (k×k kernels, groups 1, few output positions). Im2col: U = unfold(x) (B, c_in·k², L).
     forward   y  = W0 · (A·U)                     (A mixes the k² taps of each channel)
     backward  G  = W0ᵀ · dy                       (the GEMM the input gradient needs anyway)
               dx = fold(Aᵀ·G)     dA = Σ_{b,c,l} G[b,c,:,l] ⊗ U[b,c,:,l]
   Mixing U instead of W0 costs B·c_in·L·k⁴ instead of c_out·c_in·k⁴, and the unfold/fold
   traffic is B·c_in·k²·L: a win exactly when B·L is small next to c_out (the deep, low-
   resolution layers, where the weight is far bigger than the activations). At high
-  resolution oneDNN's direct convolutions beat unfold+GEMM, so the generic path stays.
+  resolution oneDNN's 3×3 convolutions beat unfold+GEMM, so the generic path stays there
+  (which one a large shape takes is measured: :mod:`sdatom.atoms.kernels.tune`).
 
 ``scalar`` (1×1 atoms: M is one number m, any device). W' = (1 + m)·W0, so
     y = (1 + m)·conv(x, W0) + b,  gx0 = convᵀ(dy, W0),  dx = (1 + m)·gx0,  dm = ⟨gx0, x⟩
