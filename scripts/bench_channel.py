@@ -18,7 +18,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from sdatom.atoms import AtomConfig, add_atoms
-from sdatom.atoms.channel import force_path
+from sdatom.atoms.kernels import force_path
 
 # (out, in, tokens): SD-1.5 attention projections at 128 px, batch 2 (classifier-free pairs).
 SHAPES = [(320, 320, 256), (320, 768, 77), (640, 640, 64), (1280, 1280, 16), (1280, 768, 77)]

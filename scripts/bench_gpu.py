@@ -5,8 +5,11 @@ while atoms stay fp32), every step here is what ``sdatom train`` does: frozen we
 compute dtype, trainable parameters in fp32, the UNet under ``torch.autocast``, a GradScaler
 for fp16. Prints one JSON object per line:
 
-  step     random:sd15 512 px training step, batch 1, for atoms / atoms-attn / lora / frozen
-           in fp16 and bf16 autocast: median seconds and peak CUDA memory rise (MiB)
+  step     random:sd15 512 px training step, batch 1, for frozen / atoms / atoms-attn /
+           lora-attn / lora-conv in fp16 and bf16 autocast: median seconds and peak CUDA
+           memory rise (MiB, from the allocator) — the table of bench_train.py --res 512
+  ratios   per autocast dtype: atoms / lora-conv and atoms-attn / lora-attn (time, peak)
+  kernels  the conv/gemm choices the atom layers measured on this GPU (kernels/tune.py)
   grad1x1  one 1x1 atom layer of SD-1.5's shape: its atoms' gradient under fp16/bf16 autocast
            against fp32 (relative error, finite or not)
   sample   merged vs unmerged sampling: bytes held by the atom layers and peak memory of a UNet
@@ -14,6 +17,7 @@ for fp16. Prints one JSON object per line:
   e2e      20 steps of ``sdatom train --model random:sd15 --resolution 512`` end to end
 
     bash scripts/bench_gpu.sh > gpu.jsonl
+    python scripts/bench_gpu.py --model random:sdxl --res 1024 --only step   # SDXL, once built
     python scripts/bench_gpu.py --smoke     # tiny model on the CPU (bf16 autocast): seconds
 """
 
@@ -41,7 +45,13 @@ from sdatom.methods import get_method  # noqa: E402
 from sdatom.models import build_unet  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-METHODS = {"frozen": None, "atoms": "atoms", "atoms-attn": "atoms-attn", "lora": None}
+METHODS = {
+    "frozen": None,
+    "atoms": "atoms",
+    "atoms-attn": "atoms-attn",
+    "lora-attn": None,  # LoRA r=4 on to_q/to_k/to_v/to_out.0 (the TrainConfig default)
+    "lora-conv": None,  # LoRA r=4 on the convs that the atoms preset adapts (LoCon-style)
+}
 
 
 def emit(obj: dict) -> None:
@@ -70,13 +80,19 @@ def peak_rise_mib(device: torch.device, start: int) -> float | None:
 
 def prepared_unet(spec: str, method: str, dtype: torch.dtype, device: torch.device):
     """The UNet as train() prepares it: adapter added in fp32, frozen weights cast."""
+    from sdatom.atoms import find_targets
+
     unet = build_unet(spec, device)
     unet.requires_grad_(False)
+    lora = {}
+    if method == "lora-conv":
+        lora["lora_targets"] = tuple(find_targets(unet, "atoms"))
     config = TrainConfig(
         subject="x",
         class_name="y",
-        method="lora" if method == "lora" else "atoms",
+        method="lora" if method.startswith("lora") else "atoms",
         preset=METHODS.get(method) or "atoms",
+        **lora,
     )
     params = [] if method == "frozen" else get_method(config.method).add(unet, config)
     for p in unet.parameters():
@@ -100,8 +116,11 @@ def train_step(unet, params, inputs, dtype, scaler, device) -> None:
 
 
 def bench_steps(spec: str, res: int, reps: int, device: torch.device) -> None:
+    from sdatom.atoms.kernels import tune
+
     g = torch.Generator().manual_seed(0)
     for dname, dtype in DTYPES.items():
+        rows = {}
         for method in METHODS:
             unet, params = prepared_unet(spec, method, dtype, device)
             side = res // 8
@@ -118,21 +137,31 @@ def bench_steps(spec: str, res: int, reps: int, device: torch.device) -> None:
                 t0 = time.perf_counter()
                 train_step(unet, params, inputs, dtype, scaler, device)
                 times.append(time.perf_counter() - t0)
-            emit(
-                {
-                    "check": "step",
-                    "model": spec,
-                    "res": res,
-                    "autocast": dname,
-                    "method": method,
-                    "trainable": sum(p.numel() for p in params),
-                    "step_s": round(statistics.median(times), 4),
-                    "peak_rise_mib": peak_rise_mib(device, start),
-                }
-            )
+            rows[method] = {
+                "check": "step",
+                "model": spec,
+                "res": res,
+                "autocast": dname,
+                "method": method,
+                "trainable": sum(p.numel() for p in params),
+                "step_s": round(statistics.median(times), 4),
+                "peak_rise_mib": peak_rise_mib(device, start),
+            }
+            emit(rows[method])
             del unet, params
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        emit({"check": "ratios", "autocast": dname, **_ratios(rows)})
+    emit({"check": "kernels", "table": tune.table()})
+
+
+def _ratios(rows: dict[str, dict]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for a, b in (("atoms", "lora-conv"), ("atoms-attn", "lora-attn"), ("atoms", "frozen")):
+        for key in ("step_s", "peak_rise_mib"):
+            x, y = rows[a][key], rows[b][key]
+            out[f"{a}_vs_{b}_{key}"] = round(x / y, 3) if x is not None and y else None
+    return out
 
 
 def grad_1x1(device: torch.device, channels: int, side: int) -> None:
@@ -245,6 +274,9 @@ def end_to_end(model: str, res: int, steps: int, precision: str, timeout: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, seconds")
+    ap.add_argument("--model", default=None, help="model spec (default random:sd15)")
+    ap.add_argument("--res", type=int, default=None, help="image side in px (default 512)")
+    ap.add_argument("--only", choices=["step"], default=None, help="the step table only")
     args = ap.parse_args()
     if args.smoke:
         device, spec, res, reps = torch.device("cpu"), "tiny", 32, 1
@@ -252,9 +284,12 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_gpu.py needs a CUDA GPU (or --smoke)")
-        device, spec, res, reps = torch.device("cuda"), "random:sd15", 512, 5
+        device, reps = torch.device("cuda"), 5
+        spec, res = args.model or "random:sd15", args.res or 512
         emit({"check": "machine", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__})
     bench_steps(spec, res, reps, device)
+    if args.only == "step":
+        return
     grad_1x1(device, 32 if args.smoke else 320, 8 if args.smoke else 64)
     sample_memory(spec, res, device)
     if args.smoke:

@@ -2,7 +2,7 @@
 
 Methods on the same layer (input gradient always needed, as inside a UNet):
   frozen      the layer alone, no trainable parameter: the floor
-  atoms       AtomConv2d, linear coder, m = 9 (default dispatch: sdatom/atoms/gemm.py)
+  atoms       AtomConv2d, linear coder, m = 9 (default dispatch: sdatom/atoms/kernels)
   atoms-conv  the same, forced onto the generic path (one conv fwd + convolution_backward
               with the weight gradient, contracted into ΔD)
   atoms-gemm  the same, forced onto the im2col path (3×3 only)
@@ -12,7 +12,13 @@ Methods on the same layer (input gradient always needed, as inside a UNet):
   lora-rN     peft LoRA at the rank whose parameter count is closest to atoms-oc's
 For Linear projections: frozen, atoms (channel atoms k_c = 4, m_c = 64), lora-r4.
 
+``--res 512``: the layer profile of a 512 px step instead: every distinct 3×3 conv of the
+SD-1.5 UNet at 512 px (c_in→c_out, input side, stride; with how many layers have it), batch 1,
+frozen / atoms (default dispatch, measured choice) / atoms-conv / atoms-gemm / lora-r4, and the
+count-weighted sum over the UNet's 52 3×3 convs.
+
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_layers.py [--quick] [--json]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_layers.py --res 512 --no-memory --json
 """
 
 from __future__ import annotations
@@ -34,12 +40,23 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sdatom.atoms import AtomConfig, AtomConv2d, AtomLinear  # noqa: E402
-from sdatom.atoms.decompose import filter_rows, linear_atoms, projector  # noqa: E402
-from sdatom.atoms.gemm import force_path  # noqa: E402
+from sdatom.atoms.kernels import force_path  # noqa: E402
+from sdatom.atoms.method import filter_rows, linear_atoms, projector  # noqa: E402
 
 # (label, channels, latent side, batch) of SD-1.5's 3×3 convs: 128 px → latent 16, 512 → 64.
 CONV_128 = [("320@16", 320, 16), ("640@8", 640, 8), ("1280@4", 1280, 4), ("1280@2", 1280, 2)]
 CONV_512 = [("320@64", 320, 64), ("640@32", 640, 32), ("1280@16", 1280, 16), ("1280@8", 1280, 8)]
+# Every 3×3 conv of SD-1.5 in a 512 px step (latent 64): (c_in, c_out, input side, stride) →
+# number of layers, from forward hooks on random:sd15 (52 layers).
+UNET_3X3_512 = {
+    (4, 320, 64, 1): 1, (320, 4, 64, 1): 1, (320, 320, 64, 1): 7, (320, 320, 64, 2): 1,
+    (640, 320, 64, 1): 2, (960, 320, 64, 1): 1, (640, 640, 64, 1): 1,
+    (320, 640, 32, 1): 1, (640, 640, 32, 1): 6, (640, 640, 32, 2): 1, (960, 640, 32, 1): 1,
+    (1280, 640, 32, 1): 1, (1920, 640, 32, 1): 1, (1280, 1280, 32, 1): 1,
+    (640, 1280, 16, 1): 1, (1280, 1280, 16, 1): 7, (1280, 1280, 16, 2): 1,
+    (1920, 1280, 16, 1): 1, (2560, 1280, 16, 1): 2,
+    (1280, 1280, 8, 1): 11, (2560, 1280, 8, 1): 3,
+}  # fmt: skip
 # 1×1 convs (proj_in/proj_out) and attention projections (tokens = latent side²)
 CONV1_128 = [("1x1 640@8", 640, 8)]
 LINEAR_128 = [("to_q 320 x256", 320, 320, 256), ("to_k 768->640 x77", 768, 640, 77)]
@@ -78,10 +95,12 @@ def oc_matching_rank(c_in: int, c_out: int, k: int) -> int:
     return max(1, round(oc / (c_in * kk + c_out)))
 
 
-def conv_methods(c: int, k: int, quick: bool) -> dict[str, Callable[[], nn.Module]]:
+def conv_methods(
+    c: int, k: int, quick: bool, c_out: int | None = None, stride: int = 1
+) -> dict[str, Callable[[], nn.Module]]:
     torch.manual_seed(0)
-    base = nn.Conv2d(c, c, k, padding=k // 2)
-    rank = oc_matching_rank(c, c, k)
+    base = nn.Conv2d(c, c_out or c, k, stride=stride, padding=k // 2)
+    rank = oc_matching_rank(c, c_out or c, k)
     methods: dict[str, Callable[[], nn.Module]] = {
         "frozen": lambda: copy.deepcopy(base).requires_grad_(False),
         "atoms": lambda: AtomConv2d(copy.deepcopy(base), AtomConfig(), "filter"),
@@ -153,6 +172,30 @@ def bench_case(
     return out
 
 
+def run_unet_512(memory: bool = False, reps: int = 3) -> dict[str, Any]:
+    """The 512 px layer profile: every distinct SD-1.5 3×3 conv, batch 1, and the sums."""
+    from sdatom.atoms.kernels import tune
+
+    results: dict[str, Any] = {}
+    totals: dict[str, float] = collections.defaultdict(float)
+    for (ci, co, side, stride), n in UNET_3X3_512.items():
+        label = f"3x3 {ci}->{co}@{side}" + (f" s{stride}" if stride > 1 else "") + f" x{n}"
+        methods = conv_methods(ci, 3, True, co, stride)
+        methods.pop("reference")
+        tune.clear()
+        res = bench_case(methods, (1, ci, side, side), reps, memory, extra_paths=True)
+        rows = tune.table()
+        res["atoms"]["path"] = rows[0]["path"] if rows else "rule"
+        results[label] = res
+        for name, v in res.items():
+            totals[name] += n * v["ms"]
+        print(
+            f"# {label}: " + ", ".join(f"{k} {v['ms']:.1f} ms" for k, v in res.items()),
+            file=sys.stderr,
+        )
+    return {"cases": results, "total_ms_3x3": dict(totals)}
+
+
 def run(quick: bool = False, memory: bool = True, smoke: bool = False) -> dict[str, Any]:
     """All layer cases; ``quick``: 128 px 3×3 shapes, batch 1; ``smoke``: one tiny conv."""
     cases: list[tuple[str, dict, tuple[int, ...]]] = []
@@ -193,11 +236,25 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="one tiny conv (tests)")
     ap.add_argument("--no-memory", action="store_true", help="skip the forked peak-RSS runs")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--res", type=int, default=None, help="512: the 512 px UNet layer profile")
     args = ap.parse_args()
-    res = run(quick=args.quick, memory=not args.no_memory, smoke=args.smoke)
+    if args.res == 512:
+        res = run_unet_512(memory=not args.no_memory)
+    elif args.res is not None:
+        ap.error("--res takes 512 (the other shapes are the default set)")
+    else:
+        res = run(quick=args.quick, memory=not args.no_memory, smoke=args.smoke)
     res["machine"] = bc.machine()
     if args.json:
         print(bc.dump(res))
+        return
+    if args.res == 512:
+        for label, methods in res["cases"].items():
+            floor = methods["frozen"]["ms"]
+            cells = ", ".join(f"{k} {v['ms'] / floor:.2f}x" for k, v in methods.items())
+            print(f"{label:28s} frozen {floor:7.1f} ms  {cells}  ({methods['atoms']['path']})")
+        t = res["total_ms_3x3"]
+        print("sum over the 52 3x3 convs: " + ", ".join(f"{k} {v:.0f} ms" for k, v in t.items()))
         return
     for label, methods in res["cases"].items():
         floor = methods["frozen"]["ms"]

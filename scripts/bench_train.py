@@ -15,6 +15,16 @@ memory: one forked child per method (see bench_common.py).
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_train.py --quick --json   # < 4 min
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_train.py                  # the full set
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_train.py --smoke --json   # tiny, seconds
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_train.py --res 512 --json # ~15 min
+
+``--res 512`` runs the 512 px set (frozen, atoms, atoms-attn, lora-attn, lora-conv: the
+issue-14 targets) interleaved: one warm-up round (where atoms measure their kernel paths),
+then ``reps`` rounds in which every method is set up, timed for one step and removed, in
+alternating order, so that the load of a shared machine hits all methods alike. It reports
+the UNet ratios, peak memory and the measured kernel table, not the layer or sampling sets
+(``bench_layers.py --res 512`` gives the layer profile). ``--methods a b`` picks the methods
+of any run and ``--unet-only`` skips the layer and sampling sets, e.g.
+``--res 128 --methods frozen atoms-oc atoms lora-conv --unet-only --json``.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from sdatom.models import build_unet  # noqa: E402
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 ALL_METHODS = ["frozen", "atoms", "atoms-attn", "atoms-oc", "lora-attn", "lora-conv", "full"]
 QUICK_METHODS = ["frozen", "atoms", "lora-conv", "lora-attn", "full"]
+RES512_METHODS = ["frozen", "atoms", "atoms-attn", "lora-attn", "lora-conv"]
 
 
 def _strip_peft(model: torch.nn.Module) -> None:
@@ -164,6 +175,64 @@ def bench_unet(
     return out
 
 
+def bench_unet_interleaved(
+    spec: str, res: int, methods: list[str], reps: int, memory: list[str]
+) -> dict[str, dict[str, float]]:
+    """Like :func:`bench_unet` (CPU), but round-robin over methods: a warm-up round, then
+    ``reps`` rounds of (set up, one timed step, undo) per method in alternating order."""
+    t0 = time.perf_counter()
+    unet = build_unet(spec, "cpu")
+    unet.requires_grad_(False)
+    inputs = make_inputs(unet, res)
+    print(f"# built {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    out: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for method in memory:  # forked from this process before it ran any step
+        mem = bc.peak_rss_rise(
+            lambda m=method: train_step(unet, inputs, m),
+            setup=lambda m=method: setup_method(unet, m),
+        )
+        out[method].update(mem)
+        print(f"# {method}: peak rise {mem['peak_rise_mib']:.0f} MiB", file=sys.stderr)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for rnd in range(reps + 1):
+        for method in methods if rnd % 2 == 0 else methods[::-1]:
+            undo = setup_method(unet, method)
+            out[method]["trainable"] = count(unet, method)
+            t = time.perf_counter()
+            train_step(unet, inputs, method)
+            sec = time.perf_counter() - t
+            undo()
+            if rnd:  # round 0 is the warm-up
+                times[method].append(sec)
+            print(f"# round {rnd} {method}: {sec:.2f} s", file=sys.stderr)
+    for method in methods:
+        out[method]["step_s"] = statistics.median(times[method])
+        out[method]["step_s_all"] = times[method]
+    return out
+
+
+def summary_unet(unet_res: dict) -> dict[str, float]:
+    """The UNet ratios of the issue-14 targets (NaN where a method is missing)."""
+
+    def r(a: str, b: str, key: str = "step_s") -> float:
+        if a in unet_res and b in unet_res and key in unet_res[a] and key in unet_res[b]:
+            return bc.ratio(unet_res[a][key], unet_res[b][key])
+        return math.nan
+
+    out = {
+        "atoms_vs_loraconv_time": r("atoms", "lora-conv"),
+        "atoms_attn_vs_loraattn_time": r("atoms-attn", "lora-attn"),
+        "atoms_vs_frozen_time": r("atoms", "frozen"),
+        "atoms_attn_vs_frozen_time": r("atoms-attn", "frozen"),
+        "atoms_oc_vs_frozen_time": r("atoms-oc", "frozen"),
+        "loraconv_vs_frozen_time": r("lora-conv", "frozen"),
+        "loraattn_vs_frozen_time": r("lora-attn", "frozen"),
+        "atoms_vs_loraconv_peak_mem": r("atoms", "lora-conv", "peak_rise_mib"),
+        "atoms_attn_vs_loraattn_peak_mem": r("atoms-attn", "lora-attn", "peak_rise_mib"),
+    }
+    return out
+
+
 def summary(unet_res: dict, layers: dict, sample: dict) -> dict[str, float]:
     def r(a: str, b: str, key: str = "step_s") -> float:
         if a in unet_res and b in unet_res and key in unet_res[a] and key in unet_res[b]:
@@ -191,13 +260,41 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: UNet steps only)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="instead of the mode's set")
-    ap.add_argument(
-        "--unet-only", action="store_true", help="the UNet steps only (no layer/sampling ratios)"
-    )
+    ap.add_argument("--methods", nargs="+", default=None, help="methods to run (default: the set)")
+    ap.add_argument("--unet-only", action="store_true", help="the UNet steps only (no layers)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per method")
     args = ap.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
+    picked = [m for arg in args.methods for m in arg.split(",") if m] if args.methods else None
+    for m in picked or []:
+        if m not in ALL_METHODS:
+            ap.error(f"unknown method {m!r} (valid: {', '.join(ALL_METHODS)})")
+    if args.res == 512 and not (args.quick or args.smoke) and args.device == "cpu":
+        from sdatom.atoms.kernels import tune
+
+        methods = picked or RES512_METHODS
+        spec = args.model or "random:sd15"
+        unet_res = bench_unet_interleaved(spec, 512, methods, args.reps or 2, methods)
+        result: dict[str, Any] = summary_unet(unet_res)
+        result.update(
+            mode="res512",
+            model=spec,
+            res=512,
+            unet=unet_res,
+            kernel_table=tune.table(),
+            machine=bc.machine(),
+            wall_s=time.perf_counter() - t0,
+        )
+        if args.json:
+            print(bc.dump(result))
+            return
+        for m, v in unet_res.items():
+            print(f"  {m:11s} {v['step_s']:7.3f} s  peak rise {v['peak_rise_mib']:8.0f} MiB")
+        for k, v in result.items():
+            if isinstance(v, float):
+                print(f"{k}: {v:.3f}")
+        return
     if args.smoke:
         spec, res, methods, reps, memory = args.model or "tiny", args.res or 32, ALL_METHODS, 2, []
         memory = ["atoms", "lora-conv"]
@@ -207,27 +304,21 @@ def main() -> None:
     else:
         spec, res, methods, reps = args.model or "random:sd15", args.res or 128, ALL_METHODS, 5
         memory = ALL_METHODS
-    if args.methods:
-        methods = args.methods
-        memory = [m for m in memory if m in methods]
+    if picked:
+        methods, memory = picked, [m for m in memory if m in picked]
+    reps = args.reps or reps
     unet_res = bench_unet(
         spec, res, methods, reps, memory, not args.quick, device=args.device, dtype=dtype
     )
-    if args.device != "cpu" or args.unet_only:
-        where = torch.cuda.get_device_name() if args.device != "cpu" else bc.machine()
-        ratios = {
-            m: {
-                "x_frozen": bc.ratio(v["step_s"], unet_res["frozen"]["step_s"])
-                if "frozen" in unet_res
-                else math.nan,
-                "x_lora_attn": bc.ratio(v["step_s"], unet_res["lora-attn"]["step_s"])
-                if "lora-attn" in unet_res
-                else math.nan,
-            }
-            for m, v in unet_res.items()
-        }
-        out = {"model": spec, "unet": unet_res, "ratios": ratios, "device": where, "res": res}
-        print(bc.dump({**out, "wall_s": time.perf_counter() - t0}))
+    if args.device != "cpu":
+        print(bc.dump({"unet": unet_res, "device": torch.cuda.get_device_name(), "res": res}))
+        return
+    if args.unet_only:  # the UNet set only (no layer or sampling runs)
+        from sdatom.atoms.kernels import tune
+
+        out = {**summary_unet(unet_res), "model": spec, "res": res, "unet": unet_res}
+        out.update(kernel_table=tune.table(), machine=bc.machine())
+        print(bc.dump(out))
         return
     layers = bench_layers.run(
         quick=args.quick, memory=not (args.quick or args.smoke), smoke=args.smoke

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from sdatom.atoms import AtomConfig, AtomLinear
-from sdatom.atoms.channel import _swap_blocks, choose_path, force_path, linear_channel_atoms
 from sdatom.atoms.decompose import channel_rows, channel_unrows
+from sdatom.atoms.kernels import apply, force_path
+from sdatom.atoms.kernels import linear_path as choose_path
+from sdatom.atoms.kernels.channel import _swap_blocks
 
 # (name, in, out, input shape, bias)
 CASES = [
@@ -69,14 +71,14 @@ def test_fused_function_passes_gradcheck_in_float64(case):
 
     def fn(inp, delta, *bias):
         with force_path("fused"):
-            return linear_channel_atoms(inp, base, delta, layer.atoms_coef, 4)
+            return apply(inp, base, layer.atom_update, [delta, layer.atoms_pinv])
 
     delta = layer.atoms_delta.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(fn, (x, delta))
     if base.bias is not None:  # the bias gradient, through the module parameter
         x2 = x.detach()
         with force_path("fused"):
-            linear_channel_atoms(x2, base, delta, layer.atoms_coef, 4).sum().backward()
+            apply(x2, base, layer.atom_update, [delta, layer.atoms_pinv]).sum().backward()
         n = x2.numel() // x2.shape[-1]
         torch.testing.assert_close(base.bias.grad, torch.full_like(base.bias, float(n)))
 

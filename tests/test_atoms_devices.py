@@ -13,7 +13,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from sdatom.atoms import AtomConfig, add_atoms, merge_atoms, unmerge_atoms
-from sdatom.atoms import channel as channel_mod
+from sdatom.atoms import kernels as channel_mod
+from sdatom.atoms.kernels import channel as channel_kernels
 
 NO_FLOAT64 = (torch.float64, torch.complex128)
 
@@ -70,7 +71,7 @@ class Net(nn.Module):
 def no_float64(monkeypatch):
     import sdatom.atoms.layer as layer_mod
 
-    for mod in (layer_mod, channel_mod):
+    for mod in (layer_mod, channel_kernels):
         monkeypatch.setattr(mod, "supports_float64", lambda device: False, raising=False)
 
 

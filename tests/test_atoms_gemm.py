@@ -14,12 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdatom.atoms import AtomConfig, AtomConv2d
-from sdatom.atoms.gemm import (
-    GEMM_POSITIONS_PER_CHANNEL,
-    choose_path,
-    force_path,
-    linear_atom_conv2d,
-)
+from sdatom.atoms.kernels import GEMM_POSITIONS_PER_CHANNEL, apply, force_path
+from sdatom.atoms.kernels import conv_path as choose_path
 
 # (name, conv factory, input shape)
 CASES = [
@@ -47,7 +43,7 @@ def _plain(conv, layer, x):
     """Autograd on the plain formulation with the summed weight."""
     w = conv.weight
     rows = w.reshape(-1, w.shape[2] * w.shape[3])
-    delta = (rows @ (layer.atoms_coef.to(w.dtype) @ layer.atoms_delta)).reshape(w.shape)
+    delta = (rows @ (layer.atoms_pinv.to(w.dtype) @ layer.atoms_delta)).reshape(w.shape)
     if conv.padding_mode != "zeros":
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         return F.conv2d(x, w + delta, conv.bias, conv.stride, 0, conv.dilation)
@@ -93,7 +89,7 @@ def test_every_path_passes_gradcheck_in_float64(case):
 
         def fn(inp, delta, path=path):
             with force_path(path):
-                return linear_atom_conv2d(inp, layer.base_layer, delta, layer.atoms_coef)
+                return apply(inp, layer.base_layer, layer.atom_update, [delta, layer.atoms_pinv])
 
         delta = layer.atoms_delta.detach().clone().requires_grad_(True)
         assert torch.autograd.gradcheck(fn, (x, delta)), path

@@ -10,7 +10,7 @@ from torch import nn
 
 from sdatom.atoms import AtomConfig, AtomConv2d, AtomLinear
 from sdatom.atoms.decompose import channel_rows
-from sdatom.atoms.functional import atom_conv2d, atom_linear
+from sdatom.atoms.kernels.generic import atom_conv2d, atom_linear
 
 LINEAR = AtomConfig()
 OC = AtomConfig(num_sub_atoms=2)
@@ -89,7 +89,8 @@ def _randomise(layer, scale=0.2):
 def _reference(layer, x):
     """The straightforward formulation: one op with W + delta, plain autograd."""
     base = layer.base_layer
-    w = base.weight + layer._delta_fn(base.weight, *layer._factors()).to(base.weight.dtype)
+    delta = layer.atom_update.delta(base.weight, *layer.atom_factors())
+    w = base.weight + delta.to(base.weight.dtype)
     if isinstance(base, nn.Linear):
         return F.linear(x, w, base.bias)
     return base._conv_forward(x, w, base.bias)
@@ -128,13 +129,13 @@ def test_function_gradcheck_float64(case, tmp_path):
     base.weight.requires_grad_(True)  # check the weight path too
     x.requires_grad_(True)
     trainable = [p for p in layer.parameters() if p.requires_grad and p is not base.weight]
-    coef = layer.atoms_coef
+    coef = layer.atoms_coefficients
 
     def fn(x, weight, *params):
         factors = [params[0], coef, *params[1:]]
         if isinstance(base, nn.Linear):
-            return atom_linear(x, weight, base.bias, layer._delta_fn, factors)
-        return atom_conv2d(x, weight, base.bias, base, layer._delta_fn, factors)
+            return atom_linear(x, weight, base.bias, layer.atom_update.delta, factors)
+        return atom_conv2d(x, weight, base.bias, base, layer.atom_update.delta, factors)
 
     assert torch.autograd.gradcheck(fn, (x, base.weight, *trainable), eps=1e-6, atol=1e-5)
 
@@ -180,7 +181,7 @@ def test_channel_atoms_equal_a_sum_of_kronecker_products():
     assert layer.atoms_delta.numel() == 16 * 16  # the linear coder's 16×16 block mix
     _randomise(layer)
     kc = 4
-    alpha = channel_rows(lin.weight.detach(), kc) @ layer.atoms_coef  # (n_blocks, m_c)
+    alpha = channel_rows(lin.weight.detach(), kc) @ layer.atoms_pinv  # (n_blocks, m_c)
     expected = torch.zeros_like(lin.weight)
     for j in range(alpha.shape[1]):
         coeff = alpha[:, j].reshape(12 // kc, 8 // kc)
@@ -200,7 +201,7 @@ def test_overcomplete_atoms_are_per_input_channel():
     m, m1, kk = 9, 2, 9
     beta = layer.atoms_beta.detach().reshape(3, m, m1)
     d1 = layer.atoms_sub.detach().reshape(m, m1, kk)
-    alpha = conv.weight.detach().reshape(6, kk) @ layer.atoms_coef
+    alpha = conv.weight.detach().reshape(6, kk) @ layer.atoms_pinv
     expected = torch.zeros(2, 3, kk)
     for o in range(2):
         for c in range(3):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from sdatom.atoms import AtomConfig, AtomConv2d, AtomLinear, gemm
-from sdatom.atoms import channel as channel_mod
+from sdatom.atoms import AtomConfig, AtomConv2d, AtomLinear
+from sdatom.atoms import kernels as channel_mod
+from sdatom.atoms import kernels as gemm
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7
 GAIN = 0.02

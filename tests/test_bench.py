@@ -62,9 +62,11 @@ def test_bench_gpu_smoke_runs_every_check_on_the_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     checks = {r["check"] for r in rows}
-    assert checks == {"step", "grad1x1", "sample", "e2e"}
+    assert checks == {"step", "ratios", "kernels", "grad1x1", "sample", "e2e"}
     steps = {r["method"] for r in rows if r["check"] == "step"}
-    assert steps == {"frozen", "atoms", "atoms-attn", "lora"}
+    assert steps == {"frozen", "atoms", "atoms-attn", "lora-attn", "lora-conv"}
+    ratios = next(r for r in rows if r["check"] == "ratios")
+    assert ratios["atoms_vs_lora-conv_step_s"] > 0 and ratios["atoms-attn_vs_lora-attn_step_s"] > 0
     grad = next(r for r in rows if r["check"] == "grad1x1")
     assert grad["finite"] and grad["rel_error"] < 2 * grad["eps"]
     held = {r["state"]: r["held_bytes"] for r in rows if r["check"] == "sample"}

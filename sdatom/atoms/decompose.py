@@ -1,13 +1,8 @@
 """Coders: split a layer's weight into atoms D0 and (frozen) coefficients.
 
-Two layouts turn a weight into rows that the atoms span:
-
-* filter atoms: a conv weight (c_out, c_in/groups, k, k) is N = c_out·c_in/groups spatial
-  filters, the rows of R = W.reshape(N, k²);
-* channel atoms: a 2-D weight (out, in) is cut into k_c×k_c blocks, the rows of
-  B (out/k_c · in/k_c, k_c²).
-
-Two coders give R ≈ α·D0:
+The row layouts (filter rows, channel blocks) and the linear coder's D0 and P are the
+method's own math (:mod:`sdatom.atoms.method`); this module adds the lasso coder, its cache
+and the fit statistics. Two coders give R ≈ α·D0:
 
 * ``linear``: D0 = the top right singular vectors of R (from the eigenvectors of the small
   Gram matrix RᵀR) and α = R·pinv(D0), never materialised: the layer stores P = pinv(D0) and
@@ -30,59 +25,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sdatom.atoms.devices import HOST
+from sdatom.atoms.method import (  # noqa: F401  (the layouts and D0/P, re-exported)
+    channel_rows,
+    channel_unrows,
+    filter_rows,
+    linear_atoms,
+    projector,
+)
 from sdatom.fileio import atomic_path, cache_dir
 
 logger = logging.getLogger(__name__)
 
 _FISTA_CHUNK = 32768  # rows per FISTA block: keeps the iterates in cache
 _DICT_SAMPLE = 16384  # rows used to learn the dictionary
-
-
-# ----------------------------------------------------------------------------- layouts
-def filter_rows(weight: torch.Tensor) -> torch.Tensor:
-    """R = W.reshape(c_out·c_in/groups, k²)."""
-    return weight.reshape(weight.shape[0] * weight.shape[1], -1)
-
-
-def channel_rows(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """The k_c×k_c blocks of a 2-D (or 1×1 conv) weight as rows (n_blocks, k_c²)."""
-    out_f, in_f = weight.shape[0], weight.shape[1]
-    w = weight.reshape(out_f // block, block, in_f // block, block)
-    return w.permute(0, 2, 1, 3).reshape(-1, block * block)
-
-
-def channel_unrows(rows: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
-    """Inverse of :func:`channel_rows`: assemble block rows into a weight of ``shape``."""
-    out_f, in_f = shape[0], shape[1]
-    w = rows.reshape(out_f // block, in_f // block, block, block).permute(0, 2, 1, 3)
-    return w.reshape(shape)
-
-
-# ----------------------------------------------------------------------------- linear coder
-def linear_atoms(rows: torch.Tensor, num_atoms: int) -> torch.Tensor:
-    """Atoms D0 (m, d) of the linear coder: the top right singular vectors of ``rows``.
-
-    Computed from the d×d Gram matrix (one pass over the weight). Signs are fixed so the
-    result is deterministic. With m > d the basis is repeated cyclically (unit-norm atoms,
-    still spanning the row space).
-    """
-    d = rows.shape[1]
-    # The d×d Gram matrix on the rows' device; the float64 eigensolve on the CPU (MPS has no
-    # float64). The atoms come back on the CPU: the layer moves them.
-    gram = (rows.T.float() @ rows.float()).to(HOST, torch.float64)
-    _, vecs = torch.linalg.eigh(gram)
-    basis = vecs.flip(-1).T  # (d, d), descending singular values
-    idx = basis.abs().argmax(dim=1, keepdim=True)
-    basis = basis * torch.gather(basis, 1, idx).sign()
-    order = torch.arange(num_atoms) % d
-    return basis[order].to(torch.float32).contiguous()
-
-
-def projector(atoms: torch.Tensor) -> torch.Tensor:
-    """P = pinv(D0) (d, m): the linear coder's coefficients are α = R·P."""
-    host = atoms.to(HOST, torch.float64)
-    return torch.linalg.pinv(host).to(atoms.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- lasso coder

@@ -8,7 +8,9 @@ convolution/matmul with the summed weight W0 + delta.
 Parameters are named ``atoms_*``: ``atoms_delta`` ΔD (trainable, zero-initialised; as many
 atoms as are degrees of freedom, see :func:`effective_atoms`),
 ``atoms_beta`` β and ``atoms_sub`` D1 (overcomplete option), buffers ``atoms_d0`` (the atoms
-D0, saved with the adapter) and ``atoms_coef`` (P = pinv(D0) or the lasso α; not saved).
+D0, saved with the adapter) and the frozen coefficients, not saved: ``atoms_pinv`` P = pinv(D0)
+(linear coder) or ``atoms_alpha`` α (lasso coder). The math is :mod:`sdatom.atoms.method`, the
+forward is one call of the kernel dispatch :func:`sdatom.atoms.kernels.apply`.
 """
 
 from __future__ import annotations
@@ -20,12 +22,10 @@ import torch
 from torch import nn
 
 from sdatom.atoms import decompose as dec
-from sdatom.atoms.channel import choose_path as channel_path
-from sdatom.atoms.channel import linear_channel_atoms
+from sdatom.atoms import kernels
+from sdatom.atoms import method as mth
 from sdatom.atoms.config import AtomConfig
 from sdatom.atoms.devices import supports_float64
-from sdatom.atoms.functional import atom_conv2d, atom_linear, channel_delta, filter_delta
-from sdatom.atoms.gemm import linear_atom_conv2d
 from sdatom.errors import AdapterError
 
 PREFIX = "atoms_"
@@ -77,7 +77,7 @@ def effective_atoms(m: int, d: int, coder: str) -> int:
 
 
 class AtomLayer(nn.Module):
-    """Shared logic of the atom wrappers; subclasses implement ``_delta_fn``/``_base_call``."""
+    """Shared logic of the atom wrappers: decomposition, delta, merge/unmerge, forward."""
 
     def __init__(
         self,
@@ -112,16 +112,27 @@ class AtomLayer(nn.Module):
         else:
             self.atoms_beta = self.atoms_sub = None
         self.register_buffer("atoms_d0", torch.zeros(shapes["atoms_d0"], **factory))
-        self.register_buffer("atoms_coef", torch.zeros(0, **factory), persistent=False)
+        # the frozen coefficients: P (linear coder) or α (lasso coder), rebuilt from D0
+        self.register_buffer(self._coef_name, torch.zeros(0, **factory), persistent=False)
+        self.atom_update = mth.Update(mode, config.coder, config.channel_block)
         self._cache_dir = cache_dir
         if not weight.is_meta:
             self.set_atoms(None)
 
     # -- decomposition
+    @property
+    def _coef_name(self) -> str:
+        return "atoms_pinv" if self.atom_config.coder == "linear" else "atoms_alpha"
+
+    @property
+    def atoms_coefficients(self) -> torch.Tensor:
+        """The frozen coefficients: P = pinv(D0) (linear coder) or α (lasso coder)."""
+        return getattr(self, self._coef_name)
+
     def _rows_of(self, w: torch.Tensor) -> torch.Tensor:
         if self.atom_mode == "filter":
-            return dec.filter_rows(w)
-        return dec.channel_rows(w.reshape(w.shape[0], w.shape[1]), self.atom_config.channel_block)
+            return mth.filter_rows(w)
+        return mth.channel_rows(w.reshape(w.shape[0], w.shape[1]), self.atom_config.channel_block)
 
     @torch.no_grad()
     def set_atoms(self, atoms: torch.Tensor | None) -> None:
@@ -132,8 +143,8 @@ class AtomLayer(nn.Module):
         rows = self._rows_of(self.base_layer.weight.detach())
         m = self.atoms_d0.shape[0]
         if cfg.coder == "linear":
-            d0 = dec.linear_atoms(rows, m) if atoms is None else atoms.detach().float().cpu()
-            coef = dec.projector(d0)
+            d0 = mth.linear_atoms(rows, m) if atoms is None else atoms.detach().float().cpu()
+            coef = mth.projector(d0)
         else:
             d0, coef = dec.lasso_decompose(
                 rows,
@@ -152,30 +163,26 @@ class AtomLayer(nn.Module):
             )
         device = self.base_layer.weight.device
         self.atoms_d0 = d0.to(device=device, dtype=torch.float32).contiguous()
-        self.atoms_coef = coef.to(device=device, dtype=torch.float32).contiguous()
+        setattr(self, self._coef_name, coef.to(device=device, dtype=torch.float32).contiguous())
 
     def fit_report(self) -> dict[str, float]:
         """Reconstruction error ‖R − αD0‖/‖R‖ and sparsity of α for this layer."""
         rows = self._rows_of(self.original_weight().float())
-        coef = rows @ self.atoms_coef if self.atom_config.coder == "linear" else self.atoms_coef
-        return dec.fit_stats(rows, self.atoms_d0, coef)
+        coef = self.atoms_coefficients
+        alpha = rows @ coef if self.atom_config.coder == "linear" else coef
+        return dec.fit_stats(rows, self.atoms_d0, alpha)
 
     # -- delta
-    def _factors(self) -> list[torch.Tensor]:
-        fs = [self.atoms_delta, self.atoms_coef]
+    def atom_factors(self) -> list[torch.Tensor]:
+        """ΔD, the coefficients (P or α), then β and D1 with sub-atoms."""
+        fs = [self.atoms_delta, self.atoms_coefficients]
         if self.atoms_beta is not None:
             fs += [self.atoms_beta, self.atoms_sub]
         return fs
 
-    def _delta_fn(self, weight: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-        coder = self.atom_config.coder
-        if self.atom_mode == "filter":
-            return filter_delta(weight, *factors, coder=coder)
-        return channel_delta(weight, *factors, block=self.atom_config.channel_block, coder=coder)
-
     def get_delta_weight(self) -> torch.Tensor:
         """The weight update (float32, shaped like the base weight) of the current atoms."""
-        return self._delta_fn(self.original_weight(), *self._factors())
+        return self.atom_update.delta(self.original_weight(), *self.atom_factors())
 
     @torch.no_grad()
     def original_weight(self) -> torch.Tensor:
@@ -187,33 +194,31 @@ class AtomLayer(nn.Module):
         if self._unmerged_weight is not None:  # reversible merge: bit-exact
             return self._unmerged_weight.to(weight.device)
         if self.atom_config.coder == "lasso":  # α·ΔD does not depend on W0
-            return weight.float() - self._delta_fn(weight.detach(), *self._factors()).float()
+            delta = self.atom_update.delta(weight.detach(), *self.atom_factors())
+            return weight.float() - delta.float()
         return self._invert_linear_merge(weight.detach())
 
     def _invert_linear_merge(self, merged: torch.Tensor) -> torch.Tensor:
         """W0 from W' = W0·A (linear coder; A = I + P·ΔD on the tap or block axis, per input
         channel with sub-atoms): one small solve, exact up to the merged weight's rounding."""
         ft = torch.float64 if supports_float64(merged.device) else torch.float32
-        mix = self.atoms_coef.to(ft) @ self.atoms_delta.to(ft)  # (d, d)
+        pinv = self.atoms_pinv.to(ft)
+        m = mth.mix(pinv, self.atoms_delta.to(ft))  # M (d, d)
+        eye = torch.eye(m.shape[0], dtype=ft, device=m.device)
         if self.atom_mode == "channel":
             block = self.atom_config.channel_block
-            rows = dec.channel_rows(merged.reshape(merged.shape[0], merged.shape[1]).to(ft), block)
-            eye = torch.eye(mix.shape[0], dtype=ft, device=mix.device)
-            rows0 = torch.linalg.solve(eye + mix, rows, left=False)
-            return dec.channel_unrows(rows0, merged.shape, block)
+            rows = mth.channel_rows(merged.reshape(merged.shape[0], merged.shape[1]).to(ft), block)
+            rows0 = torch.linalg.solve(eye + m, rows, left=False)
+            return mth.channel_unrows(rows0, merged.shape, block)
         c_out, c_in = merged.shape[0], merged.shape[1]
-        kk = mix.shape[0]
-        eye = torch.eye(kk, dtype=ft, device=mix.device)
+        kk = m.shape[0]
         if self.atoms_beta is None:
-            a = (eye + mix)[None]  # one A for every input channel
+            a = (eye + m)[None]  # one A = I + M for every input channel
         else:
-            m, m1 = self.atoms_delta.shape[0], self.atoms_beta.shape[1]
-            per_channel = self.atoms_delta.to(ft) + torch.einsum(
-                "cja,jaq->cjq",
-                self.atoms_beta.to(ft).reshape(c_in, m, m1),
-                self.atoms_sub.to(ft).reshape(m, m1, kk),
+            per_channel = mth.channel_atoms(
+                self.atoms_delta.to(ft), self.atoms_beta.to(ft), self.atoms_sub.to(ft)
             )
-            a = eye + torch.einsum("pj,cjq->cpq", self.atoms_coef.to(ft), per_channel)
+            a = eye + mth.mix(pinv, per_channel)  # A_c = I + M_c
         rows = merged.to(ft).reshape(c_out, c_in, kk).transpose(0, 1)  # (c_in, c_out, k²)
         try:
             w0 = torch.linalg.solve(a, rows, left=False)
@@ -264,10 +269,7 @@ class AtomLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        return self._adapted_forward(x)
-
-    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return kernels.apply(x, self.base_layer, self.atom_update, self.atom_factors())
 
     def extra_repr(self) -> str:
         return f"mode={self.atom_mode}, coder={self.atom_config.coder}, merged={self.merged}"
@@ -276,20 +278,6 @@ class AtomLayer(nn.Module):
 class AtomConv2d(AtomLayer):
     """A Conv2d with filter atoms (k×k atoms, or scalars for 1×1) or channel atoms (1×1)."""
 
-    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if self.atom_mode == "filter" and self.atom_config.coder == "linear":
-            if self.atoms_beta is None:  # backward without a weight gradient (atoms/gemm.py)
-                return linear_atom_conv2d(x, base, self.atoms_delta, self.atoms_coef)
-        return atom_conv2d(x, base.weight, base.bias, base, self._delta_fn, self._factors())
-
 
 class AtomLinear(AtomLayer):
     """A Linear with channel atoms on k_c×k_c blocks of its weight."""
-
-    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if self.atom_config.coder == "linear" and channel_path(base.weight) == "fused":
-            block = self.atom_config.channel_block  # fused backward (atoms/channel.py)
-            return linear_channel_atoms(x, base, self.atoms_delta, self.atoms_coef, block)
-        return atom_linear(x, base.weight, base.bias, self._delta_fn, self._factors())

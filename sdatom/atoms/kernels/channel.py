@@ -2,7 +2,7 @@
 
 With the linear coder the adapted weight is W' = W0 + unrows(R0·M), R0 = rows(W0) the
 k×k blocks of W0 as rows (n_blocks, k²) and M = P·ΔD (k²×k²). The generic path
-(:func:`sdatom.atoms.functional.atom_linear`) builds the delta through autograd, in forward
+(:mod:`sdatom.atoms.kernels.generic`) builds the delta through autograd, in forward
 and again in backward, and pays for every layout change with a slow strided copy (inner
 runs of k elements). Here:
 
@@ -23,7 +23,7 @@ GEMMs y, gx, gW; counted with torch.profiler on Linear(1280, 1280)):
                    (each addmm also copies R0 into its output: 10 in all, 5 of them word-wide
                    swaps)
 
-:func:`choose_path` is the dispatch rule and :func:`force_path` overrides it (tests).
+The dispatch (:mod:`sdatom.atoms.kernels`) decides when this path runs.
 """
 
 from __future__ import annotations
@@ -33,10 +33,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sdatom.atoms.devices import supports_float64
-from sdatom.atoms.functional import PathOverride, _compute_dtype, atom_linear, channel_delta
+from sdatom.atoms.kernels.generic import compute_dtype
 
-PATHS = ("generic", "fused")
-_override = PathOverride(PATHS, "channel atom")
 # element sizes that a run of k elements can be moved as (bytes -> dtype)
 _WORDS = {
     16: torch.complex128,
@@ -45,17 +43,6 @@ _WORDS = {
     2: torch.int16,
     1: torch.uint8,
 }
-
-
-#: ``with force_path("generic"):`` uses that path wherever it applies (tests, benchmarks).
-force_path = _override.force
-
-
-def choose_path(weight: torch.Tensor) -> str:
-    """``fused`` unless forced otherwise or the base weight itself is trained."""
-    if weight.requires_grad or weight.dim() != 2:
-        return "generic"
-    return _override.forced or "fused"
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -150,23 +137,12 @@ class _ChannelLinearFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- entry point
-def linear_channel_atoms(
-    x: torch.Tensor,
-    linear: torch.nn.Linear,
-    delta_atoms: torch.Tensor,
-    coef: torch.Tensor,
-    block: int,
+def block_mix_linear(
+    x: torch.Tensor, linear: torch.nn.Linear, mix: torch.Tensor, block: int
 ) -> torch.Tensor:
-    """``linear(x)`` with linear-coder channel atoms (W' = W0 + unrows(R0·P·ΔD))."""
-    weight, bias = linear.weight, linear.bias
-    if choose_path(weight) == "generic":
-
-        def delta_fn(w: torch.Tensor, d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            return channel_delta(w, d, p, block=block, coder="linear")
-
-        return atom_linear(x, weight, bias, delta_fn, [delta_atoms, coef])
-    dt = _compute_dtype(x)
-    b = bias.to(dt) if bias is not None else None
+    """``linear(x)`` with W' = W0 + unrows(rows(W0)·M), ``mix`` M (k_c², k_c²) in the atoms'
+    dtype."""
+    dt = compute_dtype(x)
+    b = linear.bias.to(dt) if linear.bias is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        mix = coef.to(delta_atoms.dtype) @ delta_atoms  # (k², k²) in the atoms' dtype
-        return _ChannelLinearFn.apply(x.to(dt), weight, b, mix, block)
+        return _ChannelLinearFn.apply(x.to(dt), linear.weight, b, mix, block)

@@ -1,107 +1,23 @@
-"""Atom deltas and the memory-lean autograd Function that applies them.
+"""The generic path: any update, ONE convolution (or matmul) with the summed weight.
 
-The adapted layer runs ONE convolution (or matmul) with W' = W0 + delta(W0, factors). The
-Function saves only x, W0 (the frozen parameter itself, not a copy) and the small factors;
-backward recomputes W', gets the input gradient and the weight gradient dW' from one
-``convolution_backward`` call, then chains dW' into the factors through the (cheap) delta
-function, e.g. for the linear coder dM = R0ᵀ·dR.
+The adapted layer runs op(x, W0 + delta(W0, factors)) (``delta`` is
+:meth:`sdatom.atoms.method.Update.delta`). The Function saves only x, W0 (the frozen
+parameter itself, not a copy) and the small factors; backward recomputes W', gets the input
+gradient and the weight gradient dW' from one ``convolution_backward`` call, then chains dW'
+into the factors through the (cheap) delta function, e.g. for the linear coder dM = R0ᵀ·dR.
+It pays for the full weight gradient; :mod:`sdatom.atoms.kernels.tapmix` and
+:mod:`sdatom.atoms.kernels.channel` avoid it where they apply.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sdatom.atoms.decompose import channel_rows, channel_unrows
-
 DeltaFn = Callable[..., torch.Tensor]
-
-
-class PathOverride:
-    """A process-wide override of a dispatch rule's choice, for tests and benchmarks.
-
-    ``force(path)`` is a context manager: inside it ``forced`` is ``path`` (None = the rule).
-    """
-
-    def __init__(self, paths: Sequence[str], what: str) -> None:
-        self.paths, self.what = tuple(paths), what
-        self.forced: str | None = None
-
-    @contextlib.contextmanager
-    def force(self, path: str | None) -> Iterator[None]:
-        if path is not None and path not in self.paths:
-            valid = ", ".join(self.paths)
-            raise ValueError(f"unknown {self.what} path {path!r} (valid: {valid})")
-        old, self.forced = self.forced, path
-        try:
-            yield
-        finally:
-            self.forced = old
-
-
-# ----------------------------------------------------------------------------- deltas
-def filter_delta(
-    weight: torch.Tensor,
-    delta_atoms: torch.Tensor,
-    coef: torch.Tensor,
-    beta: torch.Tensor | None = None,
-    sub_atoms: torch.Tensor | None = None,
-    *,
-    coder: str = "linear",
-) -> torch.Tensor:
-    """Update of a conv weight (c_out, c_in_g, k, k) from filter atoms.
-
-    ``delta_atoms`` ΔD (m, k²). ``coef`` is P = pinv(D0) (k², m) for the linear coder
-    (update R·P·ΔD) or α (N, m) for the lasso coder (update α·ΔD). With the overcomplete
-    option the atoms become per input channel c: ΔD_c = ΔD + Σ_a β[c, :, a]·D1[:, a], with
-    ``beta`` (c_in_g·m, m1) and ``sub_atoms`` D1 (m·m1, k, k). Computed in ΔD's dtype.
-    """
-    dt = delta_atoms.dtype
-    c_out, c_in = weight.shape[0], weight.shape[1]
-    m, kk = delta_atoms.shape
-    coef = coef.to(dt)
-    if beta is None or sub_atoms is None:
-        if coder == "linear":
-            out = weight.reshape(c_out * c_in, kk).to(dt) @ (coef @ delta_atoms)
-        else:
-            out = coef @ delta_atoms
-        return out.reshape(weight.shape)
-    m1 = beta.shape[1]
-    per_channel = delta_atoms + torch.einsum(
-        "cja,jaq->cjq", beta.reshape(c_in, m, m1), sub_atoms.reshape(m, m1, kk)
-    )
-    if coder == "linear":
-        mix = torch.einsum("pj,cjq->cpq", coef, per_channel)  # (c_in, k², k²)
-        out = torch.einsum("ocp,cpq->ocq", weight.reshape(c_out, c_in, kk).to(dt), mix)
-    else:
-        out = torch.einsum("ocj,cjq->ocq", coef.reshape(c_out, c_in, m), per_channel)
-    return out.reshape(weight.shape)
-
-
-def channel_delta(
-    weight: torch.Tensor,
-    delta_atoms: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    block: int,
-    coder: str = "linear",
-) -> torch.Tensor:
-    """Update of a 2-D (or 1×1 conv) weight from channel atoms ΔD (m_c, k_c²).
-
-    Each k_c×k_c block B_b of W gets B_b·(P·ΔD) (linear coder, P (k_c², m_c)) or
-    Σ_j α[b, j]·ΔD_j (lasso coder, α (n_blocks, m_c)): a sum of Kronecker products.
-    """
-    dt = delta_atoms.dtype
-    coef = coef.to(dt)
-    if coder == "linear":
-        rows = channel_rows(weight.to(dt), block) @ (coef @ delta_atoms)
-    else:
-        rows = coef @ delta_atoms
-    return channel_unrows(rows, weight.shape, block)
 
 
 # ----------------------------------------------------------------------------- ops
@@ -208,7 +124,7 @@ class _SummedWeightFn(torch.autograd.Function):
         return (gx, grads_w, gb, None, None, *grads_f)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -227,7 +143,7 @@ def atom_conv2d(
     Takes stride/padding/dilation/groups/padding_mode from ``conv``. Under autocast the
     convolution runs in the autocast dtype; the delta is computed in the factors' dtype.
     """
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     x, op = conv_op(x, conv)
     b = bias.to(dt) if bias is not None else None
     return _SummedWeightFn.apply(x.to(dt), weight, b, op, delta_fn, *factors)
@@ -253,6 +169,6 @@ def atom_linear(
     factors: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """``F.linear`` with weight W0 + delta_fn(W0, *factors), through one matmul."""
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     b = bias.to(dt) if bias is not None else None
     return _SummedWeightFn.apply(x.to(dt), weight, b, _LinearOp(), delta_fn, *factors)
