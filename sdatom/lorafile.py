@@ -5,12 +5,12 @@ small matrix, so it depends on W0). Two honest options that ComfyUI, AUTOMATIC11
 kohya and (for LoRA) diffusers all read:
 
 - :func:`export_lora`: per layer, the dense update ΔW reshaped to (c_out, c_in·k²), truncated
-  SVD, ``up @ down`` with one ``alpha`` per file, the most common rank (alpha = rank on those layers;
-  the others fold r/alpha into ``up``). The rank is fixed (``rank``) or the smallest that
-  meets a relative Frobenius error (``max_error``, default 1 %), and capped where a low-rank
-  pair would be no smaller than the dense layer; such a layer is then stored as a full diff
-  (``dense="diff"``), refused (``"error"``) or kept as a pair anyway (``"lora"``: the file
-  stays loadable by diffusers, which reads only LoRA keys).
+  SVD, ``up @ down``. The rank is fixed (``rank``) or the smallest that meets a relative
+  Frobenius error (``max_error``, default 1 %), and capped where a low-rank pair would be no
+  smaller than the dense layer; such a layer is then stored as a full diff (``dense="diff"``),
+  refused (``"error"``) or kept as a pair anyway (``"lora"``: the file stays loadable by
+  diffusers, which reads only LoRA keys). One ``alpha`` for the file, its most common rank
+  (alpha = rank on those layers; the others fold r/alpha into ``up``).
 - :func:`export_diff`: the exact update as LyCORIS "full" keys ``<name>.diff`` / ``.diff_b``.
 
 Key names follow kohya (``lora_unet_<module path with . -> _>``); which module path (diffusers
