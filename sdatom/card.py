@@ -158,7 +158,10 @@ def write_model_card(
 def push_to_hub(repo: str, paths: list[Path]) -> str:
     """Upload ``paths`` (files, or a folder's contents) to the model repo ``repo``; returns its
     URL. Any hub failure is one :class:`HubError` line that says the files stay on disk."""
-    import httpx2  # huggingface_hub's HTTP client
+    try:  # huggingface_hub's HTTP client: httpx2 from 2.0, httpx before
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
@@ -178,7 +181,7 @@ def push_to_hub(repo: str, paths: list[Path]) -> str:
                 api.upload_file(repo_id=repo, path_or_fileobj=str(path), path_in_repo=path.name)
     except (OfflineModeIsEnabled, LocalTokenNotFoundError, HfHubHTTPError, OSError) as e:
         raise HubError(f"--push-to-hub {repo}: {first_line(e, 200)}; {later}") from None
-    except httpx2.HTTPError as e:  # no connection, DNS, timeouts
+    except http.HTTPError as e:  # no connection, DNS, timeouts
         raise HubError(
             f"--push-to-hub {repo}: cannot reach the Hub ({first_line(e, 200)}); {later}"
         ) from None
