@@ -130,9 +130,10 @@ def table(result: dict) -> str:
             f"{p['diff_bytes'] / 1e6:.1f} MB fp16)\n"
         )
         lines.append(
-            "| setting | file (MB, fp16) | dense layers | worst layer | median layer | overall |"
+            "| setting | file (MB, fp16) | dense layers | worst layer | median layer | overall "
+            "| overall, all pairs (`--dense lora`) |"
         )
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|")
         for name, row in p["rows"].items():
             lines.append(
                 f"| `--{name}` | {row['bytes'] / 1e6:.1f} | {row['dense_layers']} "
@@ -146,8 +147,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:sd15")
     parser.add_argument("--presets", default="atoms,atoms-attn,atoms-oc")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--table", type=Path, default=None, help="print a saved result's table")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     result = run(args.model, args.presets.split(","))
     print(table(result))
     print(f"\ntotal {result['seconds']} s")

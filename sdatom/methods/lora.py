@@ -22,7 +22,7 @@ class LoraMethod(Method):
     result_name = LORA_FILE
 
     def result_path(self, run_dir: Path) -> Path:
-        # Runs written before sdatom 0.2 hold the same diffusers file as adapter.safetensors.
+        # Older runs hold the same diffusers file under the name adapter.safetensors.
         legacy = run_dir / ADAPTER_FILE
         if not (run_dir / LORA_FILE).is_file() and legacy.is_file():
             return legacy
