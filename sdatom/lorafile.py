@@ -420,8 +420,13 @@ def _load(run: Run, model: str | None) -> tuple[Any, Any, dict[str, LayerUpdate]
     from sdatom.models import load_pipeline
 
     exact = load_run_pipeline(run, merge=False, dtype="fp32", device="cpu", model=model)
+    own = model is None  # the run's own settings apply only to its own base model
     base = load_pipeline(
-        model or run.model, dtype="fp32", device="cpu", config=run.config.get("model_config")
+        model or run.model,
+        dtype="fp32",
+        device="cpu",
+        config=run.config.get("model_config") if own else None,
+        vae=run.config.get("vae") if own else None,
     )
     updates = get_method(run.method).dense_updates(exact, base.unet)
     if not updates:
