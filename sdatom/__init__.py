@@ -7,6 +7,7 @@ The public API, for use in your own diffusers code::
     ...train sdatom.trainable_parameters(pipe.unet)...
     sdatom.save_atoms(pipe.unet, "adapter.safetensors")
     sdatom.load_atoms(other_pipe, "adapter.safetensors"); sdatom.merge_atoms(other_pipe.unet)
+    sdatom.load_atoms(pipe3, "adapter.safetensors", scale=0.5)  # half the update (a LoRA weight)
 
 Names are imported on first use, so ``import sdatom`` stays cheap.
 """

@@ -415,19 +415,69 @@ def export(
             help="Write one .safetensors checkpoint in the original SD layout (A1111/ComfyUI).",
         ),
     ] = None,
+    lora: Annotated[
+        Path | None,
+        typer.Option(
+            "--lora",
+            help="Write a small kohya/LoCon LoRA file (ComfyUI, A1111/Forge, diffusers): each "
+            "layer's update by truncated SVD.",
+        ),
+    ] = None,
+    diff: Annotated[
+        Path | None,
+        typer.Option(
+            "--diff",
+            help="Write the exact update as a LyCORIS full-diff file (ComfyUI, A1111/Forge).",
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="--lora: one rank for every layer.")
+    ] = None,
+    max_error: Annotated[
+        float | None,
+        typer.Option(
+            "--max-error",
+            help="--lora: per-layer relative Frobenius error to meet (default 0.01).",
+        ),
+    ] = None,
+    dense: Annotated[
+        str,
+        typer.Option(
+            "--dense",
+            help="--lora, a layer whose pair would be no smaller than the layer: diff (store it "
+            "exactly; diffusers cannot read those keys), error (refuse) or lora (keep the pair).",
+        ),
+    ] = "diff",
+    samples: Annotated[
+        int,
+        typer.Option(
+            "--samples", help="--lora/--diff: fixed-seed images compared with the exact adapter."
+        ),
+    ] = 2,
+    sample_steps: Annotated[
+        int, typer.Option("--sample-steps", help="Denoising steps of those images.")
+    ] = 20,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option("--push-to-hub", help="Upload the export and its model card to this repo."),
+    ] = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Saved weights: fp32, fp16 or bf16.")
-    ] = "fp32",
+        str | None,
+        typer.Option(
+            "--dtype", help="Saved weights: fp32, fp16 or bf16 (default fp32; --lora/--diff fp16)."
+        ),
+    ] = None,
     model: ModelOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Export a run's model with the adapter merged in, for tools without sdatom."""
+    """Export a run: merged into the model, or as a small LoRA / LyCORIS file for other tools."""
     from sdatom.export import export as run_export
 
-    out = run_export(
-        run, merged=merged, single_file=single_file, dtype=dtype, model=model, progress=not quiet
-    )
-    typer.echo(f"exported: {out}")
+    run_export(
+        run, merged=merged, single_file=single_file, lora=lora, diff=diff, rank=rank,
+        max_error=max_error, dense=dense, samples=samples, sample_steps=sample_steps,
+        push_to_hub=push_to_hub, dtype=dtype, model=model, progress=not quiet, echo=typer.echo,
+    )  # fmt: skip
 
 
 @command

@@ -1,5 +1,8 @@
 """Export a run's adapted model for tools that know nothing of sdatom.
 
+- ``lora`` / ``diff``: small files for ComfyUI, A1111/Forge and diffusers
+  (:mod:`sdatom.lorafile`).
+
 - :func:`export_merged`: a diffusers pipeline folder with the adapter folded into the weights,
   loadable with ``StableDiffusionPipeline.from_pretrained(folder)`` (plain diffusers modules).
 - :func:`export_single_file`: one ``.safetensors`` checkpoint in the original LDM/CompVis key
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +171,70 @@ def export(
     *,
     merged: str | os.PathLike | None = None,
     single_file: str | os.PathLike | None = None,
-    dtype: str = "fp32",
+    lora: str | os.PathLike | None = None,
+    diff: str | os.PathLike | None = None,
+    rank: int | None = None,
+    max_error: float | None = None,
+    dense: str = "diff",
+    samples: int = 2,
+    sample_steps: int = 20,
+    push_to_hub: str | None = None,
+    dtype: str | None = None,
     model: str | None = None,
     progress: bool = True,
+    echo: Callable[[str], None] | None = None,
 ) -> Path:
-    """``sdatom export``: exactly one of ``merged`` (a folder) or ``single_file`` (a file)."""
-    if (merged is None) == (single_file is None):
-        raise UsageError("pass exactly one of --merged OUT_DIR or --single-file OUT.safetensors")
-    if merged is not None:
-        return export_merged(run_dir, merged, dtype=dtype, model=model, progress=progress)
-    return export_single_file(run_dir, single_file, dtype=dtype, model=model, progress=progress)
+    """``sdatom export``: exactly one of ``merged`` (a folder), ``single_file``, ``lora`` or
+    ``diff`` (files). Writes a model card (README.md) beside it and, with ``push_to_hub``,
+    uploads both. ``echo`` receives the report lines (sizes, errors). Returns the path written.
+    ``dtype`` defaults to fp32 for merged models and fp16 for ``lora``/``diff`` files.
+    """
+    from sdatom.card import CARD_FILE, GRID_FILE, write_model_card
+    from sdatom.card import push_to_hub as upload
+
+    targets = {"--merged": merged, "--single-file": single_file, "--lora": lora, "--diff": diff}
+    given = [k for k, v in targets.items() if v is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "pass exactly one of --merged OUT_DIR, --single-file OUT.safetensors, "
+            "--lora OUT.safetensors or --diff OUT.safetensors"
+        )
+    if lora is None and (rank is not None or max_error is not None or dense != "diff"):
+        raise UsageError("--rank, --max-error and --dense go with --lora")
+    say = echo or (lambda _line: None)
+    run = as_run(run_dir)
+    lines: list[str] = []
+    dense_layers = 0
+    if merged is not None or single_file is not None:
+        write = export_merged if merged is not None else export_single_file
+        out = write(
+            run, merged or single_file, dtype=dtype or "fp32", model=model, progress=progress
+        )
+        kind = "diffusers" if merged is not None else "ldm-single-file"
+        lines.append(f"exported: {out}")
+    else:
+        from sdatom.lorafile import export_diff, export_lora
+
+        options = {"samples": samples, "sample_steps": sample_steps, "model": model}
+        if lora is not None:
+            report = export_lora(
+                run, lora, rank=rank, max_error=max_error, dense=dense, dtype=dtype or "fp16",
+                echo=say, **options,
+            )  # fmt: skip
+        else:
+            report = export_diff(run, diff, dtype=dtype or "fp16", echo=say, **options)
+        out, kind, lines = report.path, report.kind, report.lines()
+        dense_layers = len(report.dense) if report.kind == "lora" else 0
+    for line in lines:
+        say(line)
+    card = write_model_card(run, out, kind, report_lines=lines[1:], dense_layers=dense_layers)
+    if card is not None:
+        say(f"model card: {card}")
+    else:
+        say(f"model card: skipped, {out.parent / CARD_FILE} was not written by sdatom")
+    if push_to_hub:
+        paths = [out]
+        if out.is_file():
+            paths += [p for p in (card, out.parent / GRID_FILE) if p is not None and p.is_file()]
+        say(f"pushed: {upload(push_to_hub, paths)}")
+    return out

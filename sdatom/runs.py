@@ -2,8 +2,10 @@
 
 A run folder ``runs/<name>/`` holds ``config.yaml`` (the resolved training config, flat
 keys: ``model``, ``method``, ``token``, ``class_name``, ...) and the trained result:
-``adapter.safetensors`` (method ``atoms``: an sdatom atoms file; method ``lora``: a diffusers
-LoRA file) or ``unet/`` (method ``full``: a diffusers UNet folder).
+``adapter.safetensors`` (method ``atoms``: an sdatom atoms file),
+``pytorch_lora_weights.safetensors`` (method ``lora``: a diffusers LoRA file, so that
+``pipe.load_lora_weights(run_dir)`` loads it; older runs named it ``adapter.safetensors``) or
+``unet/`` (method ``full``: a diffusers UNet folder).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ SUMMARY_FILE = "train_summary.json"
 class Run:
     """A training run folder: its resolved config, its summary, method and trained result.
 
-    ``adapter`` is ``adapter.safetensors`` for the atoms and lora methods and the ``unet/``
-    folder for the full method (None when the run was read for its summary only).
+    ``adapter`` is ``adapter.safetensors`` for the atoms method,
+    ``pytorch_lora_weights.safetensors`` (or an older run's ``adapter.safetensors``) for lora
+    and the ``unet/`` folder for the full method (None when the run was read for its summary only).
     ``config`` (config.yaml) and ``summary`` (train_summary.json) are empty when not read.
     """
 
@@ -100,7 +103,7 @@ def read_run(run_dir: str | os.PathLike, *, need: str = "adapter") -> Run:
     if name not in METHODS:
         raise ConfigError(f"{config_path}: method {name!r} is not one of {', '.join(METHODS)}")
     method = get_method(name)
-    adapter = path / method.result_name
+    adapter = method.result_path(path)
     if not method.is_saved(adapter):
         raise AdapterError(
             f"{path} has no {adapter.name}{'' if adapter.suffix else '/'}: the run did not "

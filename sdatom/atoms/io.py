@@ -266,7 +266,12 @@ def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 
 
 def load_atoms(
-    target: Any, path: str | os.PathLike, force: bool = False, *, cache_dir: Any = None
+    target: Any,
+    path: str | os.PathLike,
+    force: bool = False,
+    *,
+    scale: float = 1.0,
+    cache_dir: Any = None,
 ) -> list[str]:
     """Rebuild the atoms stored in ``path`` on a model (or a pipeline's ``.unet``) and load them.
 
@@ -275,8 +280,9 @@ def load_atoms(
     ``force=True`` warns instead and loads every layer whose shape matches, including those
     whose base weights differ (e.g. a fine-tuned variant of the base model); layers missing
     or of another shape are skipped, and none loadable at all is still an error.
-    A model that already has the same atom layers just gets their values. Returns the names
-    of the layers loaded.
+    A model that already has the same atom layers just gets their values. ``scale``
+    multiplies the update (like a LoRA weight: 0 is the base model, 1 the trained one); the
+    update is linear in ΔD and D1, so those are scaled. Returns the names of the layers loaded.
     """
     model = _unwrap(target)
     meta = read_atoms_metadata(path)
@@ -339,6 +345,11 @@ def load_atoms(
     tensors = _read_tensors(path, keys)
     if int(meta["format_version"]) < 2:
         tensors = _from_format_1(path, config, tensors, atom_state_dict(model))
+    if scale != 1.0:
+        tensors = {
+            k: v * scale if k.endswith((".atoms_delta", ".atoms_sub")) else v
+            for k, v in tensors.items()
+        }
     loaded = load_atom_state_dict(model, tensors, strict=not problems)
     return loaded
 

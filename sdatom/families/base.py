@@ -120,3 +120,14 @@ class Family:
     def single_file_state_dict(self, pipe: Any) -> dict[str, torch.Tensor]:
         """The pipeline's weights under the original single-file checkpoint's key names."""
         raise NotImplementedError
+
+    # -- LoRA files for other tools (kohya / LoCon / LyCORIS naming)
+    def kohya_unet_name(self, module_name: str, unet_config: Any) -> str:
+        """The kohya-style name of a UNet module in LoRA files for this family
+        (``lora_unet_<module path with . -> _>``); subclasses say which module path."""
+        return "lora_unet_" + module_name.replace(".", "_")
+
+    def lora_metadata(self, unet_config: Any) -> dict[str, str]:
+        """What A1111 (``ss_base_model_version``, ``ss_v2``) and Forge
+        (``modelspec.architecture``) read to tell which base model a LoRA file is for."""
+        raise NotImplementedError

@@ -198,3 +198,27 @@ class StableDiffusion(Family):
         else:  # SD-2.x: OpenCLIP ViT-H
             state.update(ldm.open_clip_text_to_ldm(pipe.text_encoder, "cond_stage_model.model."))
         return state
+
+    def kohya_unet_name(self, module_name: str, unet_config: Any) -> str:
+        # kohya sd-scripts trains SD-1.x/2.x on the diffusers UNet: diffusers module paths.
+        return "lora_unet_" + module_name.replace(".", "_")
+
+    def lora_metadata(self, unet_config: Any) -> dict[str, str]:
+        # SD-2.x: OpenCLIP ViT-H text states (1024 wide); 768-px checkpoints predict v.
+        v2 = unet_config.cross_attention_dim == 1024
+        if not v2:
+            return {
+                "ss_base_model_version": "sd_v1",
+                "ss_v2": "False",
+                "modelspec.architecture": "stable-diffusion-v1/lora",
+            }
+        arch = (
+            "stable-diffusion-v2-768-v"
+            if unet_config.sample_size >= 96
+            else "stable-diffusion-v2-512"
+        )
+        return {
+            "ss_base_model_version": "sd_v2",
+            "ss_v2": "True",
+            "modelspec.architecture": f"{arch}/lora",
+        }

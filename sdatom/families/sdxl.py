@@ -176,3 +176,14 @@ class StableDiffusionXL(Family):
             **ldm.clip_text_to_ldm(pipe.text_encoder, "conditioner.embedders.0.transformer."),
             **ldm.open_clip_text_to_ldm(pipe.text_encoder_2, "conditioner.embedders.1.model."),
         }
+
+    def kohya_unet_name(self, module_name: str, unet_config: Any) -> str:
+        # kohya sd-scripts trains SDXL on the original (LDM) UNet: LDM module paths.
+        return "lora_unet_" + ldm.unet_module_to_ldm(module_name, unet_config).replace(".", "_")
+
+    def lora_metadata(self, unet_config: Any) -> dict[str, str]:
+        return {
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "ss_v2": "False",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        }

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from sdatom.errors import AdapterError
-from sdatom.methods.base import Method, adapter_header
+from sdatom.methods.base import LayerUpdate, Method, adapter_header
 
 
 def _atom_spec(config: Any) -> Any:
@@ -79,3 +79,13 @@ class AtomsMethod(Method):
 
         # merge=True keeps the (already merged) weights; the default would unmerge them.
         remove_atoms(pipe.unet, merge=True)
+
+    @torch.no_grad()
+    def dense_updates(self, pipe, base_unet):
+        from sdatom.atoms import AtomLayer
+
+        return {
+            name: LayerUpdate(layer.base_layer, layer.get_delta_weight().detach().float())
+            for name, layer in pipe.unet.named_modules()
+            if isinstance(layer, AtomLayer)
+        }

@@ -8,12 +8,28 @@ goes onto a pipeline, and how it is folded away for export. Nothing outside
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 ADAPTER_FILE = "adapter.safetensors"
+
+
+@dataclass
+class LayerUpdate:
+    """What a trained adapter adds to one UNet layer, as dense float32 tensors.
+
+    ``delta`` has the base weight's shape (``bias`` the bias's, None when unchanged).
+    ``factors`` is ``(down, up)`` when the method trained a low-rank pair itself (LoRA):
+    ``up @ down`` (reshaped) equals ``delta`` and an export can store it as it is.
+    """
+
+    module: torch.nn.Module  # the base layer (its stride/padding/kernel size)
+    delta: torch.Tensor
+    bias: torch.Tensor | None = None
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def adapter_header(result: Path) -> tuple[dict[str, str], list[str]]:
@@ -63,6 +79,10 @@ class Method:
         """Write the trained result into the run folder ``output``; return its path."""
         raise NotImplementedError
 
+    def result_path(self, run_dir: Path) -> Path:
+        """Where this method's trained result is in the run folder ``run_dir``."""
+        return run_dir / self.result_name
+
     def is_saved(self, result: Path) -> bool:
         """True when ``result`` (``output / result_name``) holds a complete trained result."""
         return result.is_file()
@@ -76,6 +96,14 @@ class Method:
 
     def unwrap(self, pipe: Any) -> None:
         """After a merged :meth:`apply`: leave only plain diffusers modules (for export)."""
+
+    def dense_updates(self, pipe: Any, base_unet: torch.nn.Module) -> dict[str, LayerUpdate]:
+        """After an unmerged :meth:`apply`: each changed UNet layer's update, by module name.
+
+        ``base_unet`` is the base model's own UNet (methods whose result replaces weights
+        compare against it).
+        """
+        raise NotImplementedError
 
     def count(self, params: list[torch.nn.Parameter]) -> int:
         """The number of trainable parameters :meth:`add` returned."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from sdatom.errors import AdapterError, first_line
-from sdatom.methods.base import Method
+from sdatom.methods.base import LayerUpdate, Method
 
 
 class FullMethod(Method):
@@ -54,3 +54,22 @@ class FullMethod(Method):
             ) from None
         pipe.unet = unet.to(device)
         return pipe
+
+    @torch.no_grad()
+    def dense_updates(self, pipe, base_unet):
+        """Every Conv2d/Linear whose weight or bias changed (norms and other tensors that
+        changed are not layer updates: LoRA-style files cannot hold them)."""
+        base = dict(base_unet.named_modules())
+        out = {}
+        for name, module in pipe.unet.named_modules():
+            if not isinstance(module, torch.nn.Conv2d | torch.nn.Linear) or name not in base:
+                continue
+            w0 = base[name]
+            delta = module.weight.detach().float() - w0.weight.detach().float()
+            bias = None
+            if module.bias is not None and w0.bias is not None:
+                bias = module.bias.detach().float() - w0.bias.detach().float()
+                bias = bias if bias.any() else None
+            if delta.any() or bias is not None:
+                out[name] = LayerUpdate(w0, delta, bias)
+        return out

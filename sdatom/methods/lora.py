@@ -10,12 +10,23 @@ import torch
 
 from sdatom.errors import AdapterError, first_line
 from sdatom.fileio import atomic_path
-from sdatom.methods.base import Method, adapter_header
+from sdatom.methods.base import ADAPTER_FILE, LayerUpdate, Method, adapter_header
+
+#: diffusers' own file name: ``pipe.load_lora_weights(run_dir)`` finds it without weight_name.
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 class LoraMethod(Method):
     name = "lora"
     default_lr = 1e-4  # diffusers' DreamBooth-LoRA example
+    result_name = LORA_FILE
+
+    def result_path(self, run_dir: Path) -> Path:
+        # Older runs hold the same diffusers file under the name adapter.safetensors.
+        legacy = run_dir / ADAPTER_FILE
+        if not (run_dir / LORA_FILE).is_file() and legacy.is_file():
+            return legacy
+        return run_dir / LORA_FILE
 
     def add(self, unet, config):
         from peft import LoraConfig
@@ -84,3 +95,24 @@ class LoraMethod(Method):
 
     def unwrap(self, pipe) -> None:
         pipe.unload_lora_weights()  # after fuse_lora this keeps the fused weights
+
+    @torch.no_grad()
+    def dense_updates(self, pipe, base_unet):
+        from peft.tuners.lora import LoraLayer
+
+        out = {}
+        for name, module in pipe.unet.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for adapter in module.active_adapters:
+                if adapter not in module.lora_A:
+                    continue
+                down = module.lora_A[adapter].weight.detach().float()
+                up = module.lora_B[adapter].weight.detach().float() * module.scaling[adapter]
+                base = module.get_base_layer()
+                delta = (up.flatten(1) @ down.flatten(1)).reshape(base.weight.shape)
+                if name in out:  # several adapters: their sum, no longer one pair
+                    out[name] = LayerUpdate(base, out[name].delta + delta)
+                else:
+                    out[name] = LayerUpdate(base, delta, factors=(down, up))
+        return out
