@@ -321,8 +321,8 @@ def prepare_image(
     seen after the flip (what SDXL's size conditioning records).
 
     Written with PIL rather than torchvision's transforms: the crop corner must be known (SDXL)
-    and drawn from the item's own ``rng`` (exact resume and multi-process), and torchvision is
-    not otherwise a dependency.
+    and drawn from the item's own ``rng`` (exact resume and multi-process), where
+    ``RandomCrop`` draws from torch's global generator and reports no corner.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
