@@ -116,16 +116,18 @@ def write_model_card(
         with atomic_path(folder / GRID_FILE) as tmp:
             shutil.copyfile(grid, tmp)
     metrics = _metrics(run)
-    preset = run.config.get("preset")
+    from types import SimpleNamespace
+
+    from sdatom.methods import get_method
+
+    preset = get_method(run.method).preset(SimpleNamespace(preset=run.config.get("preset")))
     body = [
         f"# {exported.stem if exported.is_file() else exported.name}",
         "",
         _MARK,
         "",
         f"Trained with [sdatom](https://arxiv.org/abs/2403.00269) (filter atoms): method "
-        f"**{run.method}**"
-        + (f", preset **{preset}**" if preset and run.method == "atoms" else "")
-        + f", run `{run.name}`.",
+        f"**{run.method}**" + (f", preset **{preset}**" if preset else "") + f", run `{run.name}`.",
         "",
         f"- Base model: `{run.model}`",
         f"- Trigger prompt: `a photo of {trigger}`" if trigger else "- Trigger prompt: none",

@@ -491,12 +491,9 @@ def _write(
         else str(DEFAULT_MAX_ERROR if max_error is None else max_error),
         "sdatom_worst_layer_error": f"{max((r.error for r in reports), default=0.0):.3e}",
     }
-    if run.method == "atoms":
-        from sdatom.atoms import read_atoms_metadata
-
-        extra["sdatom_atoms_fingerprint"] = str(
-            read_atoms_metadata(run.adapter).get("base_fingerprint", "")
-        )
+    fingerprint = get_method(run.method).result_fingerprint(run.adapter)
+    if fingerprint is not None:
+        extra["sdatom_atoms_fingerprint"] = fingerprint
     tensors = {k: v for layer in layers for k, v in layer.tensors.items()}
     meta = _metadata(run, exact, out, layers, kind, extra)
     size = _save_with_hash(tensors, meta, out)

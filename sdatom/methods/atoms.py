@@ -27,6 +27,11 @@ class AtomsMethod(Method):
     def preset(self, config: Any) -> str | None:
         return config.preset
 
+    def result_fingerprint(self, result):
+        from sdatom.atoms import read_atoms_metadata
+
+        return str(read_atoms_metadata(result).get("base_fingerprint", ""))
+
     def add(self, unet, config):
         from sdatom.atoms import add_atoms, trainable_parameters
 

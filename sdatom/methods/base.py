@@ -63,6 +63,10 @@ class Method:
         """The preset a run summary records (None for methods without presets)."""
         return None
 
+    def result_fingerprint(self, result: Path) -> str | None:
+        """The base-model fingerprint the trained result records (None: it records none)."""
+        return None
+
     def add(self, unet: torch.nn.Module, config: Any) -> list[torch.nn.Parameter]:
         """Freeze the UNet, add the method's trainable parameters and return them."""
         raise NotImplementedError
