@@ -160,3 +160,25 @@ def test_oracle_metrics_score_drawn_pictures_exactly():
 def test_gini_simpson_diversity():
     assert quality.gini_simpson(["a"] * 5) == 0.0
     assert quality.gini_simpson(["a", "b"]) == pytest.approx(0.5)
+
+
+def test_probe_captions_name_each_instance_pictures_place(tmp_path):
+    import importlib.util
+
+    from sdatom.data import caption_for
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "probe_toy.py"
+    spec = importlib.util.spec_from_file_location("probe_toy", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    s = subjects.subject("pink-cyan-striped-square")
+    folder = probe.subject_folder(tmp_path / "full", s, "full")
+    pictures = sorted(folder.glob("*.png"))
+    assert len(pictures) == subjects.INSTANCE_IMAGES
+    for picture in pictures:
+        asked = world.parse_prompt(caption_for(picture, "a photo of sks square"))
+        seen = oracle.read(Image.open(picture))
+        assert (asked.token, asked.shape) == ("sks", "square")
+        assert (asked.background, asked.position) == (seen.background, seen.position)
+    plain = probe.subject_folder(tmp_path / "plain", s, "default")
+    assert not list(plain.glob("*.txt"))

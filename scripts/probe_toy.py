@@ -1,0 +1,201 @@
+"""What limits the toy subjects: read, attribute by attribute, what the models draw.
+
+    python scripts/probe_toy.py base                 # the base model, before any tuning
+    python scripts/probe_toy.py run --tag T --method atoms --lr 1e-3 --steps 900 --every 300
+
+``base`` asks the shipped toy model for held-in two-tone objects (which part of a two-tone look
+fails: shape, the colour pair or the texture) and for two subjects' looks named in words (can
+the base model draw them at all). ``run`` trains one method on one subject with sdatom's toy
+defaults plus the options given, then scores the toy protocol with the oracle at every
+checkpoint (one training run gives the curve over steps). ``--captions full`` writes per-image
+captions that name the position and background of each instance picture
+(``a photo of sks square on the left on a yellow background``). Every result is printed and
+appended to ``OUT/probe.jsonl``. Deterministic: the same command gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from sdatom.toyworld import oracle, quality, subjects, world
+
+
+def emit(out: Path, record: dict) -> None:
+    print(json.dumps(record), flush=True)
+    with open(out / "probe.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read(pipe, prompts: list[str], seed: int) -> list[oracle.Reading]:
+    images = quality.sample_images(pipe, prompts, seed=seed, steps=30, guidance=7.5)
+    return [oracle.read(im) for im in images]
+
+
+def probe_base(out: Path, n: int) -> None:
+    from sdatom.models import load_pipeline
+
+    pipe = load_pipeline("toy", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    rng = random.Random(5)
+    objs = [world.sample_object(rng, two_tone=1.0) for _ in range(n)]
+    seen = read(pipe, [world.caption(o) for o in objs], seed=100)
+    pairs = list(zip(objs, seen, strict=True))
+
+    def share(test) -> float:
+        return round(sum(test(o, r) for o, r in pairs) / len(pairs), 3)
+
+    def same_pair(o, r) -> bool:
+        return r.colors is not None and set(r.colors) == set(o.colors)
+
+    emit(
+        out,
+        {
+            "probe": "base two-tone held-in prompts",
+            "n": n,
+            "shape": share(lambda o, r: r.shape == o.shape),
+            "two colours seen": share(lambda o, r: r.colors is not None and len(r.colors) == 2),
+            "colour pair": share(
+                lambda o, r: r.colors is not None and set(r.colors) == set(o.colors)
+            ),
+            "texture": share(lambda o, r: r.texture == o.texture),
+            "appearance": share(lambda o, r: r.appearance == o.appearance),
+        },
+    )
+    for name in ("pink-cyan-striped-square", "pink-cyan-checkered-circle"):
+        s = subjects.subject(name)
+        prompts = [
+            world.prompt(s.shape, appearance=s.appearance, background=b, position=p)
+            for b in ("green", "yellow", "blue")
+            for p in world.POSITIONS
+            for _ in range(2)
+        ]
+        seen = read(pipe, prompts, seed=300)
+        emit(
+            out,
+            {
+                "probe": f"base, the subject's look in words: {name}",
+                "n": len(prompts),
+                "subject drawn": round(
+                    sum((r.shape, r.appearance) == (s.shape, s.appearance) for r in seen)
+                    / len(seen),
+                    3,
+                ),
+                "looks": Counter(f"{r.appearance} {r.shape}" for r in seen).most_common(4),
+            },
+        )
+
+
+def subject_folder(folder: Path, s: subjects.ToySubject, captions: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, obj in enumerate(s.objects()):
+        world.draw(obj).save(folder / f"{i:02d}.png")
+        if captions != "default":
+            text = world.caption(obj, subject="sks", position=captions == "full")
+            (folder / f"{i:02d}.txt").write_text(text + "\n")
+    return folder
+
+
+def probe_run(out: Path, a: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    from sdatom.config import build_config
+    from sdatom.runs import load_run_pipeline
+    from sdatom.train import train
+
+    root = out / a.tag
+    s = subjects.subject(a.subject)
+    options = {"method": a.method}
+    for key in ("preset", "prior_loss_weight", "num_class_images"):
+        if getattr(a, key) is not None:
+            options[key] = getattr(a, key)
+    config = build_config(
+        None,
+        model="toy",
+        subject=str(subject_folder(root / "subject", s, a.captions)),
+        class_name=s.class_name,
+        output=str(root / "run"),
+        lr=a.lr,
+        seed=a.seed,
+        steps=a.steps,
+        report_to="none",
+        validation_every=0,
+        checkpoint_every=a.every,
+        keep_checkpoints=max(1, a.steps // a.every),
+        **options,
+    )
+    if not (root / "run" / "train_summary.json").is_file():
+        train(config, overwrite=True, progress_bar=False)
+    seconds = json.loads((root / "run" / "train_summary.json").read_text())["train_seconds"]
+    # The finished run, unmerged; each checkpoint's trainable tensors are copied into it.
+    pipe = load_run_pipeline(root / "run", device="cpu", merge=False)
+    pipe.set_progress_bar_config(disable=True)
+    # LoRA layers name their adapter (``lora_A.default_0.weight``); checkpoints do not.
+    tensors = {
+        re.sub(r"\.default(_\d+)?\.", ".", k): v
+        for k, v in [*pipe.unet.named_parameters(), *pipe.unet.named_buffers()]
+    }
+    protocol = [p for p, _ in subjects.protocol(s)]
+    prompts = [p for p in protocol for _ in range(a.n)]
+    prompts += [world.caption(o) for o in quality.held_in_prompts(16, 7)]
+    for ckpt in sorted((root / "run" / "checkpoints").glob("step-*")):
+        state = json.loads((ckpt / "state.json").read_text())
+        with torch.no_grad():
+            for k, v in load_file(ckpt / "trainable.safetensors").items():
+                tensors[k].copy_(v)
+        images = quality.sample_images(pipe, prompts, seed=0, steps=30, guidance=7.5)
+        overall, rows = quality.oracle_metrics(s, prompts, images, "sks")
+        looks = Counter(f"{r['seen']} {r['shape']}" for r in rows if r["role"] == "subject")
+        emit(
+            out,
+            {
+                "tag": a.tag,
+                "subject": s.name,
+                "method": a.method,
+                "preset": config.preset if a.method == "atoms" else None,
+                "lr": a.lr,
+                "captions": a.captions,
+                "prior_loss_weight": config.prior_loss_weight,
+                "step": state["step"],
+                "train_seconds": round(seconds),
+                **{k: round(v, 3) for k, v in overall.items() if v is not None},
+                "looks": looks.most_common(3),
+            },
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/probe-toy")
+    sub = ap.add_subparsers(dest="what", required=True)
+    b = sub.add_parser("base", help="what the base model draws")
+    b.add_argument("-n", type=int, default=60, help="two-tone prompts")
+    r = sub.add_parser("run", help="train one method on one subject; score every checkpoint")
+    r.add_argument("--tag", required=True, help="folder name under --out")
+    r.add_argument("--subject", default="pink-cyan-striped-square")
+    r.add_argument("--method", default="atoms", choices=("atoms", "lora", "full"))
+    r.add_argument("--preset", default=None)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--steps", type=int, default=300)
+    r.add_argument("--every", type=int, default=300, help="checkpoint (and score) every N")
+    r.add_argument("--captions", choices=("default", "bg", "full"), default="default")
+    r.add_argument("--prior-loss-weight", type=float, default=None)
+    r.add_argument("--num-class-images", type=int, default=None)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("-n", type=int, default=2, help="images per protocol prompt")
+    a = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe_base(out, a.n) if a.what == "base" else probe_run(out, a)
+
+
+if __name__ == "__main__":
+    main()
