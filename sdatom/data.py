@@ -730,12 +730,12 @@ class Encoders:
     embedding and size ids) is the model family's business (:mod:`sdatom.families`).
     """
 
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, cache: bool):
+    def __init__(self, pipe: Any, device: torch.device, cache: bool):
         from sdatom.families import family_of
 
         self.pipe, self.family = pipe, family_of(pipe)
-        self.vae = pipe.vae
-        self.device, self.dtype, self.cache = device, dtype, cache
+        self.vae = pipe.vae  # images go in in the VAE's own dtype (SDXL's may stay fp32)
+        self.device, self.cache = device, cache
         self._latents: dict[str, torch.Tensor] = {}
         self._prompts: dict[str, Any] = {}
 
@@ -769,7 +769,7 @@ class Encoders:
         return self.conditioning(prompts).hidden
 
     def unet_kwargs(
-        self, prompts: list[str], sizes: torch.Tensor | None, resolution: int
+        self, prompts: list[str], sizes: torch.Tensor, resolution: int
     ) -> dict[str, Any]:
         """Keyword arguments of the UNet for a batch: its conditioning, per row."""
         return self.family.unet_kwargs(self.conditioning(prompts), sizes, resolution)

@@ -338,7 +338,7 @@ def train(
 
     # -- data
     dataset, sampler, loader = _data(plan, images)
-    encoders = Encoders(pipe, accelerator.device, weight_dtype, c.cache_latents)
+    encoders = Encoders(pipe, accelerator.device, c.cache_latents)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # -- optimizer and schedule (accelerate steps the scheduler once per process)

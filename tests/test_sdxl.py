@@ -119,7 +119,7 @@ def test_prior_rows_carry_their_own_embeddings_and_size_ids(xl_pipe, tmp_path):
         "a photo of dog",
         "a photo of dog",
     ]
-    enc = Encoders(xl_pipe, torch.device("cpu"), torch.float32, cache=False)
+    enc = Encoders(xl_pipe, torch.device("cpu"), cache=False)
     kwargs = enc.unet_kwargs(batch["prompts"], batch["sizes"], 32)
     ids = kwargs["added_cond_kwargs"]["time_ids"]
     # (original h, w) of each row's own picture, its crop corner, then the target size

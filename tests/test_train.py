@@ -122,7 +122,7 @@ def _fixed_batch_loss(unet, pipe, resolution):
 
     ds = DreamBoothDataset(SUBJECT, token="sks", class_name="toy", resolution=resolution)
     batch = collate_dreambooth([ds[i] for i in range(len(ds))], False)
-    enc = Encoders(pipe, torch.device("cpu"), torch.float32, cache=False)
+    enc = Encoders(pipe, torch.device("cpu"), cache=False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     config = TrainConfig(subject="x", class_name="y")
     losses = []

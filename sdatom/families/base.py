@@ -7,7 +7,7 @@ between families lives behind this interface, chosen once from the pipeline's cl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,16 +47,11 @@ class Conditioning:
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def cat(rows: list[Conditioning]) -> Conditioning:
         pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
         return Conditioning(torch.cat([r.hidden for r in rows]), pooled)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
-        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
-        return Conditioning(self.hidden.to(device, dtype), pooled)
 
 
 class Family:
@@ -102,12 +97,12 @@ class Family:
         raise NotImplementedError
 
     def unet_kwargs(
-        self, cond: Conditioning, sizes: torch.Tensor | None, resolution: int
+        self, cond: Conditioning, sizes: torch.Tensor, resolution: int
     ) -> dict[str, Any]:
         """Keyword arguments of ``unet(noisy, t, **kwargs)`` for a batch.
 
         ``sizes`` is (B, 4) per row: the image's height and width before resizing and the
-        top/left corner of the crop taken (``None`` for families that do not use them).
+        top/left corner of the crop taken (families without size conditioning ignore it).
         """
         return {"encoder_hidden_states": cond.hidden}
 

@@ -152,10 +152,8 @@ class StableDiffusionXL(Family):
         return Conditioning(torch.cat(hidden, dim=-1).float(), pooled.float())
 
     def unet_kwargs(
-        self, cond: Conditioning, sizes: torch.Tensor | None, resolution: int
+        self, cond: Conditioning, sizes: torch.Tensor, resolution: int
     ) -> dict[str, Any]:
-        if sizes is None:  # no crop information: the image was the target size
-            sizes = torch.tensor([[resolution, resolution, 0, 0]]).expand(len(cond.hidden), 4)
         ids = time_ids(sizes.to(cond.hidden.device), resolution).to(cond.hidden.dtype)
         return {
             "encoder_hidden_states": cond.hidden,
