@@ -32,7 +32,13 @@ from typing import Any
 import torch
 
 from sdatom.errors import ModelLoadError, UsageError, first_line
-from sdatom.families import ARCHITECTURES, Family, family_of_class, family_of_single_file
+from sdatom.families import (
+    ARCHITECTURES,
+    Family,
+    family_of,
+    family_of_class,
+    family_of_single_file,
+)
 from sdatom.families.base import Architecture
 from sdatom.families.sd import CLIP_VOCAB_SIZE
 from sdatom.fileio import cache_dir
@@ -306,8 +312,6 @@ def load_pipeline(
         pipe = _from_hub(spec, torch_dtype)
     if vae:
         pipe.vae = load_vae(vae, torch_dtype)
-    from sdatom.families import family_of
-
     family = family_of(pipe)
     for tokenizer, encoder in zip(family.tokenizers(pipe), family.text_encoders(pipe), strict=True):
         check_tokenizer(tokenizer, encoder.config.vocab_size, spec)
