@@ -124,6 +124,18 @@ def count(unet: torch.nn.Module, method: str) -> int:
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
+def measure_memory(unet, inputs, methods: list[str], out: dict[str, dict[str, float]]) -> None:
+    """Each method's peak RSS rise of one step, in a child forked from this process before it
+    ran any step (the child sets the method up and exits after)."""
+    for method in methods:
+        mem = bc.peak_rss_rise(
+            lambda m=method: train_step(unet, inputs, m),
+            setup=lambda m=method: setup_method(unet, m),
+        )
+        out[method].update(mem)
+        print(f"# {method}: peak rise {mem['peak_rise_mib']:.0f} MiB", file=sys.stderr)
+
+
 def bench_unet(
     spec: str,
     res: int,
@@ -145,13 +157,7 @@ def bench_unet(
     inputs = make_inputs(unet, res)
     print(f"# built {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     out: dict[str, dict[str, float]] = {m: {} for m in methods}
-    for method in memory:  # forked from this process before it ran any step
-        mem = bc.peak_rss_rise(
-            lambda m=method: train_step(unet, inputs, m),
-            setup=lambda m=method: setup_method(unet, m),  # in the child; it exits after
-        )
-        out[method].update(mem)
-        print(f"# {method}: peak rise {mem['peak_rise_mib']:.0f} MiB", file=sys.stderr)
+    measure_memory(unet, inputs, memory, out)
     order = methods + (["frozen"] if "frozen" in methods and drift_check else [])
     for i, method in enumerate(order):
         undo = setup_method(unet, method)
@@ -186,13 +192,7 @@ def bench_unet_interleaved(
     inputs = make_inputs(unet, res)
     print(f"# built {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     out: dict[str, dict[str, float]] = {m: {} for m in methods}
-    for method in memory:  # forked from this process before it ran any step
-        mem = bc.peak_rss_rise(
-            lambda m=method: train_step(unet, inputs, m),
-            setup=lambda m=method: setup_method(unet, m),
-        )
-        out[method].update(mem)
-        print(f"# {method}: peak rise {mem['peak_rise_mib']:.0f} MiB", file=sys.stderr)
+    measure_memory(unet, inputs, memory, out)
     times: dict[str, list[float]] = {m: [] for m in methods}
     for rnd in range(reps + 1):
         for method in methods if rnd % 2 == 0 else methods[::-1]:
