@@ -8,8 +8,9 @@ Per toy subject, every method trains on the same instance pictures with the same
 seeds (sdatom train's defaults for --model toy unless overridden), then samples the toy protocol
 (the subject on unseen backgrounds at each position, the class word alone) and ordinary world
 prompts. The oracle scores subject fidelity, text alignment, drift, world knowledge and class
-diversity; the toy CLIP scores CLIP-T and CLIP-I. Runs are cached in --out (a rerun continues),
-and QUALITY.md gets each method at its best learning rate with 95 % intervals.
+diversity; the toy CLIP scores CLIP-T and CLIP-I. Runs are cached in --out, one folder per toy
+model (named by its weights' fingerprint: a rerun continues, a re-pretrained model starts
+afresh), and QUALITY.md gets each method at its best learning rate with 95 % intervals.
 """
 
 from __future__ import annotations
@@ -317,7 +318,10 @@ def main() -> None:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    out = Path(args.out)
+    from sdatom.models import weights_fingerprint
+
+    # Runs are cached per toy model: a re-pretrained model starts a fresh cache.
+    out = Path(args.out) / f"toy-{weights_fingerprint('toy')}"
     out.mkdir(parents=True, exist_ok=True)
     backbones = toy_backbones("cpu")
     started = time.perf_counter()

@@ -33,11 +33,19 @@ from sdatom.toyworld import world
 from sdatom.toyworld.attrnet import AttrNet, attribute_targets, attrnet_loss
 from sdatom.toyworld.quality import base_model_report
 
-STAGE_SEED = {"vae": 1, "clip": 2, "attrnet": 3, "unet": 4}
-STEPS = {"vae": 2500, "clip": 2000, "attrnet": 1500, "unet": 3200}
-BATCH = {"vae": 32, "clip": 128, "attrnet": 128, "unet": 32}
-LR = {"vae": 1e-3, "clip": 1e-3, "attrnet": 2e-3, "unet": 6e-4}
-WARMUP = {"vae": 100, "clip": 200, "attrnet": 100, "unet": 300}
+# ``unet-zsnr`` continues ``unet``: from its EMA weights, on the shipped zero-terminal-SNR
+# v-prediction schedule (toy.SCHEDULER; why: its comment), with more two-tone objects.
+STAGE_SEED = {"vae": 1, "clip": 2, "attrnet": 3, "unet": 4, "unet-zsnr": 5}
+STEPS = {"vae": 2500, "clip": 2000, "attrnet": 1500, "unet": 3200, "unet-zsnr": 3000}
+BATCH = {"vae": 32, "clip": 128, "attrnet": 128, "unet": 32, "unet-zsnr": 32}
+LR = {"vae": 1e-3, "clip": 1e-3, "attrnet": 2e-3, "unet": 6e-4, "unet-zsnr": 3e-4}
+WARMUP = {"vae": 100, "clip": 200, "attrnet": 100, "unet": 300, "unet-zsnr": 200}
+TWO_TONE = {"unet": 0.4, "unet-zsnr": 0.5}
+UNET_STAGES = ("unet", "unet-zsnr")
+
+
+def stage_scheduler(stage: str) -> dict:
+    return toy.EPSILON_SCHEDULER if stage == "unet" else toy.SCHEDULER
 
 
 def log(work: Path, text: str) -> None:
@@ -257,6 +265,12 @@ class EMA:
             for n, p in m.named_parameters()
         }
 
+    @classmethod
+    def from_shadow(cls, modules: dict, shadow: dict) -> EMA:
+        ema = cls(modules)
+        ema.shadow = shadow
+        return ema
+
     @torch.no_grad()
     def update(self, modules: dict, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
@@ -271,7 +285,9 @@ class EMA:
                 p.copy_(self.shadow[f"{k}.{n}"])
 
 
-def train_unet(work: Path, save_every: int, eval_every: int, eval_n: int = 100) -> None:
+def train_unet(
+    work: Path, save_every: int, eval_every: int, eval_n: int = 100, stage: str = "unet"
+) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -284,24 +300,31 @@ def train_unet(work: Path, save_every: int, eval_every: int, eval_n: int = 100) 
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**toy.TEXT_ENCODER))
     tokenizer = clip_tokenizer()
+    config = stage_scheduler(stage)
     noise_sched = DDPMScheduler(
-        **{k: v for k, v in toy.SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")}
+        **{k: v for k, v in config.items() if k not in ("set_alpha_to_one", "steps_offset")}
     )
+    v_pred = config["prediction_type"] == "v_prediction"
     modules = {"unet": unet, "text_encoder": text_encoder}
+    if stage != "unet":  # a continuation starts from the previous stage's EMA weights
+        previous = load_state(work, "unet")
+        if previous is None or previous["step"] < STEPS["unet"]:
+            sys.exit("the unet stage has not finished: run --stage unet first")
+        EMA.from_shadow(modules, previous["extra"]["ema"]).copy_to(modules)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=LR["unet"], weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=LR[stage], weight_decay=0.01)
     ema = EMA(modules)
-    step, extra = resume(work, "unet", modules, opt)
+    step, extra = resume(work, stage, modules, opt)
     if extra:
         ema.shadow = extra["ema"]
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     t0, losses = time.time(), []
-    while step < STEPS["unet"]:
+    while step < STEPS[stage]:
         unet.train()
         text_encoder.train()
-        seed = batch_seed("unet", step)
-        images, captions, _ = world.world_batch(seed, BATCH["unet"])
+        seed = batch_seed(stage, step)
+        images, captions, _ = world.world_batch(seed, BATCH[stage], two_tone=TWO_TONE[stage])
         rng = random.Random(seed)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         gen = torch.Generator().manual_seed(seed)
@@ -314,12 +337,19 @@ def train_unet(work: Path, save_every: int, eval_every: int, eval_n: int = 100) 
         ids = tokenizer(
             captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
-        set_lr(opt, lr_at("unet", step))
+        set_lr(opt, lr_at(stage, step))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             cond = text_encoder(ids)[0]
             pred = unet(noisy, t, cond).sample.float()
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
+        if v_pred:
+            # Min-SNR-5 in x0 terms, floored at 1 so the zero-SNR steps (where the layout and
+            # the position words are decided) keep their full weight: w_x0 = min(snr + 1, 6).
+            target = noise_sched.get_velocity(latents, noise, t)
+            weight = torch.clamp(snr[t] + 1, max=6.0) / (snr[t] + 1)
+        else:
+            target = noise
+            weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -330,34 +360,35 @@ def train_unet(work: Path, save_every: int, eval_every: int, eval_n: int = 100) 
         if step % 100 == 0:
             log(
                 work,
-                f"unet step {step} loss {np.mean(losses):.4f} lr {lr_at('unet', step):.2e} "
+                f"{stage} step {step} loss {np.mean(losses):.4f} lr {lr_at(stage, step):.2e} "
                 f"{(time.time() - t0) / len(losses):.2f}s/step",
             )
             losses, t0 = [], time.time()
-        if step % save_every == 0 or step == STEPS["unet"]:
-            save_state(work, "unet", step, modules, opt, {"ema": ema.shadow})
-        if eval_every and (step % eval_every == 0 or step == STEPS["unet"]):
-            pipe = assemble(work, vae=vae, ema=ema)
+        if step % save_every == 0 or step == STEPS[stage]:
+            save_state(work, stage, step, modules, opt, {"ema": ema.shadow})
+        if eval_every and (step % eval_every == 0 or step == STEPS[stage]):
+            pipe = assemble(work, vae=vae, ema=ema, stage=stage)
             report = base_model_report(
                 pipe, n=eval_n, seed=1000, steps=25, guidance=5.0, held_out_n=max(4, eval_n // 4)
             )
-            curve(work, {"step": step, "time": time.time(), **report})
-            log(work, f"unet eval at {step}: {json.dumps(report)}")
-    log(work, "unet done")
+            curve(work, {"stage": stage, "step": step, "time": time.time(), **report})
+            log(work, f"{stage} eval at {step}: {json.dumps(report)}")
+    log(work, f"{stage} done")
 
 
-def assemble(work: Path, vae=None, ema: EMA | None = None):
-    """The toy pipeline from the stages' states (EMA weights for the UNet and text encoder)."""
-    pipe = toy.build_toy_pipeline()
+def assemble(work: Path, vae=None, ema: EMA | None = None, stage: str | None = None):
+    """The toy pipeline from the stages' states (EMA weights for the UNet and text encoder);
+    the UNet from ``stage``, by default the last UNet stage that has a state."""
+    if stage is None:
+        stage = next((s for s in reversed(UNET_STAGES) if state_path(work, s).is_file()), None)
+        if stage is None:
+            sys.exit("the unet stage has not started: run --stage unet first")
+    pipe = toy.build_toy_pipeline(scheduler=stage_scheduler(stage))
     pipe.vae = vae if vae is not None else load_vae(work)
     pipe.register_modules(vae=pipe.vae)
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     if ema is None:
-        state = load_state(work, "unet")
-        if state is None:
-            sys.exit("the unet stage has not started: run --stage unet first")
-        ema = EMA(modules)
-        ema.shadow = state["extra"]["ema"]
+        ema = EMA.from_shadow(modules, load_state(work, stage)["extra"]["ema"])
     ema.copy_to(modules)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -396,7 +427,7 @@ def main() -> None:
     ap.add_argument(
         "--stage",
         required=True,
-        choices=["vae", "clip", "attrnet", "unet", "export", "eval", "report"],
+        choices=["vae", "clip", "attrnet", *UNET_STAGES, "export", "eval", "report"],
     )
     ap.add_argument("--work", default="runs/pretrain-toy", help="state, log and curve folder")
     ap.add_argument("--out", default=str(toy.WEIGHTS), help="where --stage export writes")
@@ -418,8 +449,8 @@ def main() -> None:
         train_clip(work, args.save_every)
     elif args.stage == "attrnet":
         train_attrnet(work, args.save_every)
-    elif args.stage == "unet":
-        train_unet(work, args.save_every, args.eval_every, args.eval_n)
+    elif args.stage in UNET_STAGES:
+        train_unet(work, args.save_every, args.eval_every, args.eval_n, stage=args.stage)
     elif args.stage == "export":
         export(work, Path(args.out))
     elif args.stage == "report":
@@ -455,23 +486,27 @@ def write_quality_section(work: Path, path: Path) -> None:
     lines = [
         "## The toy model: pretraining",
         "",
-        "`python scripts/pretrain_toy.py --stage vae`, then `clip`, `attrnet`, `unet` (each",
-        "resumable, in the background), `--stage export`, `--stage eval --eval-n 400`,",
-        "`--stage report`. This 2-core CPU, no GPU, one core per stage (vae then unet on one,",
-        "clip then attrnet on the other). Stage steps: "
+        "`python scripts/pretrain_toy.py --stage vae`, then `clip`, `attrnet`, `unet`,",
+        "`unet-zsnr` (each resumable, in the background), `--stage export`, `--stage eval",
+        "--eval-n 400`, `--stage report`. This 2-core CPU, no GPU, one core per stage (vae then",
+        "unet on one, clip then attrnet on the other). Stage steps: "
         + ", ".join(f"{k} {v}" for k, v in STEPS.items())
-        + ".",
+        + ". `unet` trains with SD-1.x's epsilon schedule; `unet-zsnr` continues from its EMA",
+        "weights on the shipped zero-terminal-SNR v-prediction schedule with more two-tone",
+        "objects (why: `sdatom/toyworld/model.py`, `SCHEDULER`).",
         "",
-        "Curve (EMA weights; 100 held-in prompts, DDIM 25 steps, CFG 5; oracle accuracy):",
+        "Curve (EMA weights; 100 held-in prompts, DDIM 25 steps, CFG 5, each stage's own",
+        "schedule; oracle accuracy):",
         "",
-        "| UNet step | background | shape | appearance solid | two-tone | position | "
+        "| stage | step | background | shape | appearance solid | two-tone | position | "
         "held-out pairs: shape |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         h, o = r["held_in"], r.get("held_out_pairs", {})
         lines.append(
-            f"| {r['step']} | {h['background']:.2f} | {h['shape']:.2f} | "
+            f"| {r.get('stage', 'unet')} | {r['step']} | {h['background']:.2f} | "
+            f"{h['shape']:.2f} | "
             f"{h['appearance_solid']:.2f} | {h['appearance_two_tone']:.2f} | "
             f"{h['position']:.2f} | {o.get('shape', float('nan')):.2f} |"
         )

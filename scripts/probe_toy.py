@@ -145,6 +145,9 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     protocol = [p for p, _ in subjects.protocol(s)]
     prompts = [p for p in protocol for _ in range(a.n)]
     prompts += [world.caption(o) for o in quality.held_in_prompts(16, 7)]
+    # The training caption itself: fidelity there tells under-fitting (the subject is not drawn
+    # even where it was trained) from a failure to carry it into new contexts.
+    trained = [f"a photo of sks {s.class_name}"] * 8
     for ckpt in sorted((root / "run" / "checkpoints").glob("step-*")):
         state = json.loads((ckpt / "state.json").read_text())
         with torch.no_grad():
@@ -152,6 +155,10 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
                 tensors[k].copy_(v)
         images = quality.sample_images(pipe, prompts, seed=0, steps=30, guidance=7.5)
         overall, rows = quality.oracle_metrics(s, prompts, images, "sks")
+        fit = quality.sample_images(pipe, trained, seed=500, steps=30, guidance=7.5)
+        overall["fidelity_trained_prompt"] = quality.oracle_metrics(s, trained, fit, "sks")[0][
+            "oracle_fidelity"
+        ]
         looks = Counter(f"{r['seen']} {r['shape']}" for r in rows if r["role"] == "subject")
         emit(
             out,

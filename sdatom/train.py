@@ -192,7 +192,8 @@ def diffusion_loss(
     pred = unet(noisy, t, **cond).sample
     per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma is not None:
-        snr = snr_of(scheduler, t)
+        # Floored: on a zero-terminal-SNR schedule snr(T) = 0, where epsilon's weight tends to 1.
+        snr = snr_of(scheduler, t).clamp(min=torch.finfo(torch.float32).tiny)
         weight = torch.clamp(snr, max=config.snr_gamma) / snr
         if prediction_type == "v_prediction":
             weight = torch.clamp(snr, max=config.snr_gamma) / (snr + 1)

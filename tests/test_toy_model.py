@@ -148,7 +148,8 @@ def test_bench_quality_smoke(tmp_path):
     assert rec["n_runs"] == 1 and rec["trainable_params"] > 0
     for key in ("oracle_fidelity", "oracle_alignment", "oracle_drift", "clip_t", "clip_i"):
         assert 0.0 <= rec[key][0] <= 1.0 or key.startswith("clip")
-    assert (tmp_path / "results").is_dir()
+    (cache,) = tmp_path.glob("toy-*")  # one cache folder, named by the toy model's weights
+    assert (cache / "results").is_dir()
 
 
 def test_eval_of_a_toy_run_adds_the_oracle_and_names_the_toy_backbones(tmp_path):

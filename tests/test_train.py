@@ -98,6 +98,47 @@ def test_loss_targets_follow_the_scheduler(prediction_type):
     assert torch.allclose(loss, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weight_is_finite_at_zero_terminal_snr(prediction_type):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=True,  # the shipped toy model's schedule
+        prediction_type=prediction_type,
+    )
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    moments = torch.randn(1, 8, 2, 2)
+    # Find the row whose draws (latent sample, noise, timestep: the loss's order) give t = T.
+    row = next(
+        r
+        for r in range(20_000)
+        if (g := sample_generator(0, 0, 0, r))
+        and torch.randn(4, 2, 2, generator=g) is not None
+        and torch.randn(4, 2, 2, generator=g) is not None
+        and int(torch.randint(0, 1000, (), generator=g)) == 999
+    )
+    config = TrainConfig(subject="x", class_name="y", snr_gamma=5.0)
+    loss = diffusion_loss(
+        _ZeroUNet(),
+        scheduler,
+        moments,
+        torch.zeros(1, 77, 8),
+        torch.tensor([False]),
+        [sample_generator(0, 0, 0, row)],
+        config,
+        0.5,
+    )
+    g = sample_generator(0, 0, 0, row)
+    torch.randn(4, 2, 2, generator=g)
+    noise = torch.randn(4, 2, 2, generator=g)
+    # epsilon: weight min(snr, 5) / snr -> 1 as snr -> 0; v: min(snr, 5) / (snr + 1) = 0.
+    want = noise.pow(2).mean() if prediction_type == "epsilon" else torch.tensor(0.0)
+    assert torch.isfinite(loss) and torch.allclose(loss, want, rtol=1e-5)
+
+
 def test_prior_loss_is_instance_mean_plus_weighted_class_mean():
     scheduler = _scheduler("epsilon")
     moments = torch.randn(4, 8, 4, 4)

@@ -58,8 +58,15 @@ TEXT_ENCODER: dict[str, Any] = {
     "hidden_act": "quick_gelu",
     "projection_dim": 64,
 }
-# SD-1.x's noise schedule; DDIM as the default sampler (deterministic, good at 25 steps).
-SCHEDULER: dict[str, Any] = {
+# SD-1.x's scaled-linear betas. Pretraining's first stage (``unet``) uses them as SD-1.x does
+# (epsilon prediction); the shipped model is the second stage (``unet-zsnr``): the same betas
+# rescaled to zero terminal SNR, v-prediction and "trailing" timesteps (Lin et al. 2024, "Common
+# Diffusion Noise Schedules and Sample Steps are Flawed"; SD-2.x's v-prediction). Measured on the
+# first stage: at t=999 SD-1.x's schedule leaves sqrt(alpha_bar) = 0.068 of the picture in the
+# noise, enough for a 32-px picture's object position to be read from the noise itself, so the
+# model never learned the position words (with the same seed, "left", "center" and "right" put
+# the object in the same place). DDIM as the default sampler (deterministic, good at 25 steps).
+EPSILON_SCHEDULER: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -68,6 +75,12 @@ SCHEDULER: dict[str, Any] = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
     "prediction_type": "epsilon",
+}
+SCHEDULER: dict[str, Any] = {
+    **EPSILON_SCHEDULER,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
 }
 # open_clip model config of the toy CLIP (registered under TOY_CLIP_NAME).
 CLIP_CONFIG: dict[str, Any] = {
@@ -102,7 +115,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_toy_pipeline(seed: int = 0):
+def build_toy_pipeline(seed: int = 0, scheduler: dict[str, Any] | None = None):
     """The toy pipeline with seeded random weights (what pretraining starts from)."""
     import torch
     from diffusers import (
@@ -126,7 +139,7 @@ def build_toy_pipeline(seed: int = 0):
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER),
+        scheduler=DDIMScheduler(**(scheduler or SCHEDULER)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -249,10 +249,13 @@ def prompt(
     return text
 
 
-def world_batch(seed: int, n: int) -> tuple[list[Image.Image], list[str], list[ToyObject]]:
-    """``n`` held-in world pictures and captions, a pure function of ``seed`` (resumable)."""
+def world_batch(
+    seed: int, n: int, two_tone: float = 0.4
+) -> tuple[list[Image.Image], list[str], list[ToyObject]]:
+    """``n`` held-in world pictures and captions, a pure function of ``seed`` (resumable);
+    ``two_tone`` is the share of striped or checkered objects."""
     rng = random.Random(seed)
-    objs = [sample_object(rng) for _ in range(n)]
+    objs = [sample_object(rng, two_tone=two_tone) for _ in range(n)]
     return [draw(o) for o in objs], [random_caption(o, rng) for o in objs], objs
 
 
