@@ -47,6 +47,16 @@ def test_toy_loads_in_plain_diffusers_and_draws_the_world(toy_pipe):
         assert reading.shape is not None and 40 <= reading.area <= 400
 
 
+def test_the_shipped_model_is_the_zero_terminal_snr_stage(toy_pipe):
+    # pretrain_toy's unet-zsnr stage: v-prediction on SD-1.x's betas rescaled to zero SNR at
+    # t = T, sampled from t = T (trailing). An export of the epsilon stage would fail here.
+    scheduler = toy_pipe.scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    scheduler.set_timesteps(30)
+    assert int(scheduler.timesteps[0]) == 999
+
+
 def test_the_shipped_weights_are_fp16_and_small():
     files = [p for p in TOY_MODEL_DIR.rglob("*.safetensors")]
     assert files

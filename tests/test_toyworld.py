@@ -76,6 +76,16 @@ def test_pretraining_never_draws_held_out_objects():
             assert (obj.colors[0], obj.shape) not in world.HELD_OUT_SOLID
 
 
+def test_world_batch_two_tone_share_is_the_one_asked_and_stays_held_in():
+    # pretrain_toy's unet-zsnr stage asks for more two-tone objects than the default 0.4.
+    _, _, objs = world.world_batch(5, 400, two_tone=0.8)
+    share = np.mean([o.texture != "solid" for o in objs])
+    assert 0.74 <= share <= 0.86  # 400 draws at 0.8: 3 standard deviations is 0.06
+    assert not any(world.is_held_out(o) for o in objs)
+    _, _, default = world.world_batch(5, 400)
+    assert 0.33 <= np.mean([o.texture != "solid" for o in default]) <= 0.47
+
+
 def test_captions_parse_back_to_what_was_drawn():
     rng = random.Random(3)
     for _ in range(300):
