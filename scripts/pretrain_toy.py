@@ -36,7 +36,7 @@ from sdatom.toyworld.quality import base_model_report
 # ``unet-zsnr`` continues ``unet``: from its EMA weights, on the shipped zero-terminal-SNR
 # v-prediction schedule (toy.SCHEDULER; why: its comment), with more two-tone objects.
 STAGE_SEED = {"vae": 1, "clip": 2, "attrnet": 3, "unet": 4, "unet-zsnr": 5}
-STEPS = {"vae": 2500, "clip": 2000, "attrnet": 1500, "unet": 3200, "unet-zsnr": 3000}
+STEPS = {"vae": 2500, "clip": 2000, "attrnet": 1500, "unet": 3200, "unet-zsnr": 4000}
 BATCH = {"vae": 32, "clip": 128, "attrnet": 128, "unet": 32, "unet-zsnr": 32}
 LR = {"vae": 1e-3, "clip": 1e-3, "attrnet": 2e-3, "unet": 6e-4, "unet-zsnr": 3e-4}
 WARMUP = {"vae": 100, "clip": 200, "attrnet": 100, "unet": 300, "unet-zsnr": 200}
