@@ -36,7 +36,10 @@ from sdatom.toyworld.quality import base_model_report
 # ``unet-zsnr`` continues ``unet``: from its EMA weights, on the shipped zero-terminal-SNR
 # v-prediction schedule (toy.SCHEDULER; why: its comment), with more two-tone objects.
 STAGE_SEED = {"vae": 1, "clip": 2, "attrnet": 3, "unet": 4, "unet-zsnr": 5}
-STEPS = {"vae": 2500, "clip": 2000, "attrnet": 1500, "unet": 3200, "unet-zsnr": 4000}
+STEPS = {"vae": 2500, "clip": 2000, "attrnet": 1500, "unet": 3200, "unet-zsnr": 6000}
+# unet-zsnr's cosine ended at 4000 steps; position words only began to work there (0.34 at
+# 3000, 0.66 at 4000), so a second cycle continues to 6000.
+RESTARTS = {"unet-zsnr": (4000,)}
 BATCH = {"vae": 32, "clip": 128, "attrnet": 128, "unet": 32, "unet-zsnr": 32}
 LR = {"vae": 1e-3, "clip": 1e-3, "attrnet": 2e-3, "unet": 6e-4, "unet-zsnr": 3e-4}
 WARMUP = {"vae": 100, "clip": 200, "attrnet": 100, "unet": 300, "unet-zsnr": 200}
@@ -61,11 +64,18 @@ def curve(work: Path, record: dict) -> None:
 
 
 def lr_at(stage: str, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak."""
-    peak, warm, total = LR[stage], WARMUP[stage], STEPS[stage]
-    if step < warm:
+    """Linear warm-up, then cosine decay to 10 % of the peak; a stage with ``RESTARTS`` then
+    restarts the cosine at half the peak for each further cycle (SGDR-style)."""
+    peak, warm, end = LR[stage], WARMUP[stage], STEPS[stage]
+    start = 0
+    for i, cycle_end in enumerate((*RESTARTS.get(stage, ()), STEPS[stage])):
+        if step < cycle_end or cycle_end == STEPS[stage]:
+            peak, end = LR[stage] * 0.5**i, cycle_end
+            break
+        start, warm = cycle_end, 0
+    if step < start + warm:
         return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
+    t = (step - start - warm) / max(1, end - start - warm)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
