@@ -98,9 +98,9 @@ CLIP_CONFIG: dict[str, Any] = {
 
 
 # `sdatom train --model toy` without other options (configs/toy.yaml holds the same values; a
-# test keeps them equal). Measured on the toy subjects (QUALITY.md, "probes"): for the atom
-# presets, 600-900 steps, lr 3e-3, per-image captions or no prior did not raise subject fidelity
-# beyond noise, and 900 steps cost world knowledge (0.73 -> 0.67), so 300 steps at 1e-3 stay.
+# test keeps them equal). Measured on the toy subjects (QUALITY.md, the probes on the shipped
+# model): a higher lr, a lower prior weight or per-image captions gave 0-3 of 18 subject images
+# (within noise) and cost world knowledge, so 300 steps at 1e-3 with the prior stay.
 TRAIN_DEFAULTS: dict[str, Any] = {
     "resolution": 32,
     "steps": 300,
