@@ -66,13 +66,10 @@ def curve(work: Path, record: dict) -> None:
 def lr_at(stage: str, step: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak; a stage with ``RESTARTS`` then
     restarts the cosine at half the peak for each further cycle (SGDR-style)."""
-    peak, warm, end = LR[stage], WARMUP[stage], STEPS[stage]
-    start = 0
-    for i, cycle_end in enumerate((*RESTARTS.get(stage, ()), STEPS[stage])):
-        if step < cycle_end or cycle_end == STEPS[stage]:
-            peak, end = LR[stage] * 0.5**i, cycle_end
-            break
-        start, warm = cycle_end, 0
+    bounds = (0, *RESTARTS.get(stage, ()), STEPS[stage])
+    cycle = max(i for i in range(len(bounds) - 1) if step >= bounds[i])
+    start, end = bounds[cycle], bounds[cycle + 1]
+    peak, warm = LR[stage] * 0.5**cycle, WARMUP[stage] if cycle == 0 else 0
     if step < start + warm:
         return peak * (step + 1) / warm
     t = (step - start - warm) / max(1, end - start - warm)
@@ -316,17 +313,15 @@ def train_unet(
     )
     v_pred = config["prediction_type"] == "v_prediction"
     modules = {"unet": unet, "text_encoder": text_encoder}
-    if stage != "unet":  # a continuation starts from the previous stage's EMA weights
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=LR[stage], weight_decay=0.01)
+    step, extra = resume(work, stage, modules, opt)
+    if not extra and stage != "unet":  # a fresh continuation: the previous stage's EMA weights
         previous = load_state(work, "unet")
         if previous is None or previous["step"] < STEPS["unet"]:
             sys.exit("the unet stage has not finished: run --stage unet first")
         EMA.from_shadow(modules, previous["extra"]["ema"]).copy_to(modules)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=LR[stage], weight_decay=0.01)
-    ema = EMA(modules)
-    step, extra = resume(work, stage, modules, opt)
-    if extra:
-        ema.shadow = extra["ema"]
+    ema = EMA.from_shadow(modules, extra["ema"]) if extra else EMA(modules)
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     t0, losses = time.time(), []

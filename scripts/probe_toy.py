@@ -107,6 +107,7 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     from sdatom.config import build_config
+    from sdatom.data import instance_prompt
     from sdatom.runs import load_run_pipeline
     from sdatom.train import train
 
@@ -147,7 +148,7 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     prompts += [world.caption(o) for o in quality.held_in_prompts(16, 7)]
     # The training caption itself: fidelity there tells under-fitting (the subject is not drawn
     # even where it was trained) from a failure to carry it into new contexts.
-    trained = [f"a photo of sks {s.class_name}"] * 8
+    trained = [instance_prompt("sks", s.class_name)] * 8
     for ckpt in sorted((root / "run" / "checkpoints").glob("step-*")):
         state = json.loads((ckpt / "state.json").read_text())
         with torch.no_grad():

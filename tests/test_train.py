@@ -111,15 +111,13 @@ def test_min_snr_weight_is_finite_at_zero_terminal_snr(prediction_type):
     )
     assert float(scheduler.alphas_cumprod[-1]) == 0.0
     moments = torch.randn(1, 8, 2, 2)
-    # Find the row whose draws (latent sample, noise, timestep: the loss's order) give t = T.
-    row = next(
-        r
-        for r in range(20_000)
-        if (g := sample_generator(0, 0, 0, r))
-        and torch.randn(4, 2, 2, generator=g) is not None
-        and torch.randn(4, 2, 2, generator=g) is not None
-        and int(torch.randint(0, 1000, (), generator=g)) == 999
-    )
+
+    def draws(row):  # the loss's draws for one row, in its order: latent sample, noise, t
+        g = sample_generator(0, 0, 0, row)
+        torch.randn(4, 2, 2, generator=g)
+        return torch.randn(4, 2, 2, generator=g), int(torch.randint(0, 1000, (), generator=g))
+
+    row = next(r for r in range(20_000) if draws(r)[1] == 999)  # the row drawn at t = T
     config = TrainConfig(subject="x", class_name="y", snr_gamma=5.0)
     loss = diffusion_loss(
         _ZeroUNet(),
@@ -131,9 +129,7 @@ def test_min_snr_weight_is_finite_at_zero_terminal_snr(prediction_type):
         config,
         0.5,
     )
-    g = sample_generator(0, 0, 0, row)
-    torch.randn(4, 2, 2, generator=g)
-    noise = torch.randn(4, 2, 2, generator=g)
+    noise, _ = draws(row)
     # epsilon: weight min(snr, 5) / snr -> 1 as snr -> 0; v: min(snr, 5) / (snr + 1) = 0.
     want = noise.pow(2).mean() if prediction_type == "epsilon" else torch.tensor(0.0)
     assert torch.isfinite(loss) and torch.allclose(loss, want, rtol=1e-5)
