@@ -52,6 +52,7 @@ METHODS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full": ({"method": "full"}, (1e-5, 3e-5, 1e-4)),
 }
 QUICK_METHODS = ("atoms-attn", "atoms", "lora-attn", "full")
+TOKEN_CHOICES = {"on": (True,), "off": (False,), "both": (True, False)}
 WORLD_PROMPTS = 16
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
@@ -134,10 +135,12 @@ def one_run(
     n: int,
     backbones,
     extra: dict | None = None,
+    token: bool = True,
 ) -> dict:
     from sdatom.train import train
 
-    tag = f"{subject.name}/{name}-lr{lr:g}-s{seed}"
+    # Runs that train the token's embedding are tagged: the cache keeps both kinds apart.
+    tag = f"{subject.name}/{name}{'-token' if token else ''}-lr{lr:g}-s{seed}"
     result_file = out / "results" / f"{tag.replace('/', '__')}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -155,6 +158,7 @@ def one_run(
         report_to="none",
         validation_every=0,
         checkpoint_every=0,
+        train_token=token,
         **options,
         **(extra or {}),
     )
@@ -165,7 +169,7 @@ def one_run(
     scores = score_run(run_dir, subject, n, backbones, (extra or {}).get("class_sample_steps", 30))
     record = {
         "subject": subject.name,
-        "method": name,
+        "method": f"{name} + token" if token else name,
         "lr": lr,
         "seed": seed,
         "trainable_params": summary["trainable_params"],
@@ -293,6 +297,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="default: sdatom's for --model toy")
     ap.add_argument("-n", type=int, default=None, help="images per protocol prompt")
+    ap.add_argument(
+        "--token",
+        choices=("on", "off", "both"),
+        default="on",
+        help="train the token's embedding beside each method (on: sdatom's toy default)",
+    )
     ap.add_argument("--out", default="runs/bench-quality")
     ap.add_argument("--report", default=str(ROOT / "QUALITY.md"))
     ap.add_argument("--json", action="store_true")
@@ -339,9 +349,21 @@ def main() -> None:
                 lrs = (TRAIN_DEFAULTS["lr"],)
             for lr in lrs:
                 for seed in range(args.seeds):
-                    records.append(
-                        one_run(out, subject, name, lr, seed, args.steps, args.n, backbones, extra)
-                    )
+                    for token in TOKEN_CHOICES[args.token]:
+                        records.append(
+                            one_run(
+                                out,
+                                subject,
+                                name,
+                                lr,
+                                seed,
+                                args.steps,
+                                args.n,
+                                backbones,
+                                extra,
+                                token,
+                            )  # fmt: skip
+                        )
     summary = summarise(records)
     seconds = time.perf_counter() - started
     if not args.smoke:

@@ -1,16 +1,20 @@
 """What limits the toy subjects: read, attribute by attribute, what the models draw.
 
     python scripts/probe_toy.py base                 # the base model, before any tuning
+    python scripts/probe_toy.py text                 # what the text encoder makes of words
     python scripts/probe_toy.py run --tag T --method atoms --lr 1e-3 --steps 900 --every 300
 
-``base`` asks the shipped toy model for held-in two-tone objects (which part of a two-tone look
-fails: shape, the colour pair or the texture) and for two subjects' looks named in words (can
-the base model draw them at all). ``run`` trains one method on one subject with sdatom's toy
-defaults plus the options given, then scores the toy protocol with the oracle at every
-checkpoint (one training run gives the curve over steps). ``--captions full`` writes per-image
-captions that name the position and background of each instance picture
-(``a photo of sks square on the left on a yellow background``). Every result is printed and
-appended to ``OUT/probe.jsonl``. Deterministic: the same command gives the same numbers.
+``text`` measures how far apart the text encoder puts prompts that differ in one word
+(DreamBooth's instance and class prompts, two colours, two positions): the UNet can only tell
+apart what the text encoder does. ``base`` asks the shipped toy model for held-in two-tone
+objects (which part of a two-tone look fails: shape, the colour pair or the texture) and for
+two subjects' looks named in words (can the base model draw them at all). ``run`` trains one
+method on one subject with sdatom's toy defaults plus the options given, then scores the toy
+protocol with the oracle at every checkpoint (one training run gives the curve over steps).
+``--captions full`` writes per-image captions that name the position and background of each
+instance picture (``a photo of sks square on the left on a yellow background``). Every result
+is printed and appended to ``OUT/probe.jsonl``. Deterministic: the same command gives the same
+numbers.
 """
 
 from __future__ import annotations
@@ -93,6 +97,41 @@ def probe_base(out: Path, n: int) -> None:
         )
 
 
+def probe_text(out: Path) -> None:
+    from sdatom.families import family_of
+    from sdatom.models import load_pipeline
+
+    pipe = load_pipeline("toy", device="cpu")
+
+    def hidden(prompt: str) -> torch.Tensor:
+        with torch.no_grad():
+            return family_of(pipe).encode_prompts(pipe, [prompt], torch.device("cpu")).hidden[0]
+
+    # Pairs of prompts of the same token length that differ in one word: how far apart the
+    # UNet's text inputs are, at the word and summed over all 77 positions.
+    pairs = [
+        ("a photo of sks square", "a photo of a square"),  # DreamBooth's instance vs class
+        ("a photo of a red square", "a photo of a blue square"),
+        ("a photo of a red square", "a photo of a pink square"),
+        ("a photo of a square on the left", "a photo of a square on the right"),
+    ]
+    for one, other in pairs:
+        ids = [pipe.tokenizer(p).input_ids for p in (one, other)]
+        assert len(ids[0]) == len(ids[1]), (one, other)
+        at = next(i for i, (x, y) in enumerate(zip(*ids, strict=True)) if x != y)
+        moved = (hidden(one) - hidden(other)).norm(dim=-1)
+        emit(
+            out,
+            {
+                "probe": "text encoder: hidden-state distance between two prompts",
+                "prompts": [one, other],
+                "at the word": round(moved[at].item(), 2),
+                "summed over 77 positions": round(moved.sum().item(), 1),
+                "hidden-state norm": round(hidden(other)[at].norm().item(), 2),
+            },
+        )
+
+
 def subject_folder(folder: Path, s: subjects.ToySubject, captions: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, obj in enumerate(s.objects()):
@@ -109,12 +148,13 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     from sdatom.config import build_config
     from sdatom.data import instance_prompt
     from sdatom.runs import load_run_pipeline
+    from sdatom.token_embedding import CHECKPOINT_PREFIX, write_into
     from sdatom.train import train
 
     root = out / a.tag
     s = subjects.subject(a.subject)
     options = {"method": a.method}
-    for key in ("preset", "prior_loss_weight", "num_class_images"):
+    for key in ("preset", "prior_loss_weight", "num_class_images", "train_token", "token_lr"):
         if getattr(a, key) is not None:
             options[key] = getattr(a, key)
     config = build_config(
@@ -152,8 +192,17 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     for ckpt in sorted((root / "run" / "checkpoints").glob("step-*")):
         state = json.loads((ckpt / "state.json").read_text())
         with torch.no_grad():
-            for k, v in load_file(ckpt / "trainable.safetensors").items():
-                tensors[k].copy_(v)
+            saved = load_file(ckpt / "trainable.safetensors")
+            token = {
+                k[len(CHECKPOINT_PREFIX) :]: v
+                for k, v in saved.items()
+                if k.startswith(CHECKPOINT_PREFIX)
+            }
+            if token:
+                write_into(pipe, token, "sks")
+            for k, v in saved.items():
+                if not k.startswith(CHECKPOINT_PREFIX):
+                    tensors[k].copy_(v)
         images = quality.sample_images(pipe, prompts, seed=0, steps=30, guidance=7.5)
         overall, rows = quality.oracle_metrics(s, prompts, images, "sks")
         fit = quality.sample_images(pipe, trained, seed=500, steps=30, guidance=7.5)
@@ -171,6 +220,8 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
                 "lr": a.lr,
                 "captions": a.captions,
                 "prior_loss_weight": config.prior_loss_weight,
+                "train_token": config.train_token,
+                "token_lr": config.token_lr if config.train_token else None,
                 "step": state["step"],
                 "train_seconds": round(seconds),
                 **{k: round(v, 3) for k, v in overall.items() if v is not None},
@@ -183,6 +234,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/probe-toy")
     sub = ap.add_subparsers(dest="what", required=True)
+    sub.add_parser("text", help="how far words move the text encoder's hidden states")
     b = sub.add_parser("base", help="what the base model draws")
     b.add_argument("-n", type=int, default=60, help="two-tone prompts")
     r = sub.add_parser("run", help="train one method on one subject; score every checkpoint")
@@ -196,13 +248,18 @@ def main() -> None:
     r.add_argument("--captions", choices=("default", "bg", "full"), default="default")
     r.add_argument("--prior-loss-weight", type=float, default=None)
     r.add_argument("--num-class-images", type=int, default=None)
+    r.add_argument("--train-token", action="store_true", default=None)
+    r.add_argument("--token-lr", type=float, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("-n", type=int, default=2, help="images per protocol prompt")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    probe_base(out, a.n) if a.what == "base" else probe_run(out, a)
+    if a.what == "text":
+        probe_text(out)
+    else:
+        probe_base(out, a.n) if a.what == "base" else probe_run(out, a)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,10 @@ def train(
     method: Annotated[str | None, _field_option("method", "--method")] = None,
     preset: PresetOpt = None,
     token: Annotated[str | None, _field_option("token", "--token")] = None,
+    train_token: Annotated[
+        bool | None, _field_option("train_token", "--train-token/--no-train-token")
+    ] = None,
+    token_lr: Annotated[float | None, _field_option("token_lr", "--token-lr")] = None,
     steps: Annotated[int | None, _field_option("steps", "--steps")] = None,
     resolution: Annotated[int | None, _field_option("resolution", "--resolution")] = None,
     batch_size: Annotated[int | None, _field_option("batch_size", "--batch-size")] = None,
@@ -230,6 +234,8 @@ def train(
         method=method,
         preset=preset,
         token=token,
+        train_token=train_token,
+        token_lr=token_lr,
         steps=steps,
         resolution=resolution,
         batch_size=batch_size,

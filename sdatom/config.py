@@ -40,6 +40,14 @@ class TrainConfig:
     subject: str | None = _field(None, "Folder of subject photos (3-5 photos is typical).")
     class_name: str | None = _field(None, "The subject's class, e.g. dog (never guessed).")
     token: str = _field("sks", "Placeholder token that names the subject in prompts.")
+    train_token: bool = _field(
+        False,
+        "Also train the token's input embedding in each text encoder (pivotal tuning: "
+        "textual inversion beside the method); --token must be a single token.",
+    )
+    token_lr: float = _field(
+        5e-4, "Learning rate of the token's embedding (--train-token). Default 5e-4; toy 5e-3."
+    )
     model: str | None = _field(
         None, "Base model spec (hub id, folder, file, toy, tiny, tiny-sdxl, random:sd15/sd21/sdxl)."
     )
@@ -213,8 +221,10 @@ def _validate(c: TrainConfig) -> None:
     for name in ("lr_warmup_steps", "checkpoint_every", "keep_checkpoints", "validation_every"):
         if getattr(c, name) < 0:
             raise bad(name, "must be 0 or more")
-    if c.lr is not None and not (c.lr > 0 and math.isfinite(c.lr)):
-        raise bad("lr", "must be a positive number")
+    for name in ("lr", "token_lr"):
+        value = getattr(c, name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise bad(name, "must be a positive number")
     if not 0.0 <= c.hflip <= 1.0:
         raise bad("hflip", "must be a probability in [0, 1]")
     for name in ("prior_loss_weight", "max_grad_norm", "noise_offset", "adam_weight_decay"):

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -730,12 +731,15 @@ class Encoders:
     embedding and size ids) is the model family's business (:mod:`sdatom.families`).
     """
 
-    def __init__(self, pipe: Any, device: torch.device, cache: bool):
+    def __init__(self, pipe: Any, device: torch.device, cache: bool, live_token: str | None = None):
         from sdatom.families import family_of
 
         self.pipe, self.family = pipe, family_of(pipe)
         self.vae = pipe.vae  # images go in in the VAE's own dtype (SDXL's may stay fp32)
         self.device, self.cache = device, cache
+        # Prompts holding this token are encoded at every step, with gradients (its embedding
+        # is being trained, :mod:`sdatom.token_embedding`); the others once.
+        self.live = re.compile(rf"(?<!\w){re.escape(live_token)}(?!\w)") if live_token else None
         self._latents: dict[str, torch.Tensor] = {}
         self._prompts: dict[str, Any] = {}
 
@@ -755,14 +759,16 @@ class Encoders:
             out.append(self._latents[key])
         return torch.cat(out)
 
-    @torch.no_grad()
     def conditioning(self, prompts: list[str]):
         """The family's :class:`~sdatom.families.Conditioning` of ``prompts``, one row each."""
         from sdatom.families import Conditioning
 
-        for p in set(prompts) - self._prompts.keys():
-            self._prompts[p] = self.family.encode_prompts(self.pipe, [p], self.device)
-        return Conditioning.cat([self._prompts[p] for p in prompts])
+        live = {p for p in prompts if self.live is not None and self.live.search(p)}
+        with torch.no_grad():
+            for p in set(prompts) - self._prompts.keys() - live:
+                self._prompts[p] = self.family.encode_prompts(self.pipe, [p], self.device)
+        fresh = {p: self.family.encode_prompts(self.pipe, [p], self.device) for p in live}
+        return Conditioning.cat([fresh[p] if p in fresh else self._prompts[p] for p in prompts])
 
     def prompts(self, prompts: list[str]) -> torch.Tensor:
         """The text encoders' hidden states for ``prompts`` (the UNet's cross-attention input)."""

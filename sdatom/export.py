@@ -166,6 +166,35 @@ def export_single_file(
     return out
 
 
+def _embedding_target(run: Run, out: Path) -> Path | None:
+    """Where a ``--train-token`` run's embedding goes beside a LoRA/diff file (None: no token).
+
+    Named after the token, because A1111 and ComfyUI call an embedding by its file name.
+    """
+    if not run.config.get("train_token"):
+        return None
+    target = out.parent / f"{run.config['token']}.safetensors"
+    if target.exists():
+        raise UsageError(
+            f"{target} already exists (the token embedding goes beside the exported file under "
+            "the token's name): write the export into another folder or remove it first"
+        )
+    return target
+
+
+def _export_embedding(run: Run, target: Path) -> str:
+    from sdatom.token_embedding import EMBEDDING_FILE
+
+    with atomic_path(target) as tmp:
+        shutil.copyfile(run.path / EMBEDDING_FILE, tmp)
+    token = run.config["token"]
+    return (
+        f"token embedding: {target} (load it with the LoRA: A1111/Forge from embeddings/ and "
+        f"{token} in prompts, ComfyUI from models/embeddings and embedding:{token}, diffusers "
+        f"with pipe.load_textual_inversion(file, token='<{token}>') and <{token}>)"
+    )
+
+
 def export(
     run_dir: str | os.PathLike,
     *,
@@ -215,6 +244,7 @@ def export(
     else:
         from sdatom.lorafile import export_diff, export_lora
 
+        embedding = _embedding_target(run, Path(lora or diff))
         options = {"samples": samples, "sample_steps": sample_steps, "model": model}
         if lora is not None:
             report = export_lora(
@@ -225,6 +255,8 @@ def export(
             report = export_diff(run, diff, dtype=dtype or "fp16", echo=say, **options)
         out, kind, lines = report.path, report.kind, report.lines()
         dense_layers = len(report.dense) if report.kind == "lora" else 0
+        if embedding is not None:
+            lines.append(_export_embedding(run, embedding))
     for line in lines:
         say(line)
     card = write_model_card(run, out, kind, report_lines=lines[1:], dense_layers=dense_layers)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sdatom import __version__
+from sdatom import __version__, token_embedding
 from sdatom.checkpoint import Progress, find_resume, prune_checkpoints, save_checkpoint
 from sdatom.config import MIXED_PRECISION, TrainConfig, dump_config
 from sdatom.errors import ConfigError, Interrupted, TrainingError, UsageError
@@ -126,8 +126,9 @@ def plan_run(
         lr=config.lr or method.default_lr,
         num_class_images=config.num_class_images or (8 if tiny else 100),
         class_sample_steps=config.class_sample_steps or (4 if tiny else 30),
+        # Without a class (per-image captions), the token alone: never "sks None".
         validation_prompts=config.validation_prompts
-        or (f"a photo of {config.token} {config.class_name}",),
+        or (" ".join(["a photo of", config.token, *filter(None, [config.class_name])]),),
         mixed_precision=mixed_precision,
         resolution=config.resolution or native_resolution,
     )
@@ -257,7 +258,7 @@ def make_accelerator(config: TrainConfig, output: Path):
     )
 
 
-def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig, lr: float):
+def _optimizer(params: list[dict[str, Any]], config: TrainConfig, lr: float):
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -298,6 +299,8 @@ def train(
         vae=config.vae,
     )
     family = family_of(pipe)
+    if config.train_token:  # before class images are made: a multi-piece token fails now
+        token_embedding.token_ids(pipe, config.token)
     # Not set: accelerate's own setting (launch flag, config file, environment) applied;
     # config.yaml records the precision actually used, and the model's native resolution.
     plan = plan_run(
@@ -333,17 +336,26 @@ def train(
     pipe.vae.to(dtype=family.vae_dtype(pipe, weight_dtype, custom_vae=bool(c.vae)))
     for encoder in text_encoders:
         encoder.to(dtype=weight_dtype)
+    # After the cast: the token's vectors start from the rows the frozen encoders would use.
+    token_params = token_embedding.attach(pipe, c.token) if c.train_token else []
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    trainable_count = method.count(params)
+    trainable_count = method.count(params) + sum(v.numel() for v in token_params)
 
     # -- data
     dataset, sampler, loader = _data(plan, images)
-    encoders = Encoders(pipe, accelerator.device, c.cache_latents)
+    encoders = Encoders(
+        pipe, accelerator.device, c.cache_latents, live_token=c.token if c.train_token else None
+    )
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # -- optimizer and schedule (accelerate steps the scheduler once per process)
-    optimizer = _optimizer(params, c, c.lr)
+    groups = [{"params": params}]
+    if token_params:
+        # No weight decay: it would pull the token back towards the near-zero row that the
+        # text encoder ignores.
+        groups.append({"params": token_params, "lr": c.token_lr, "weight_decay": 0.0})
+    optimizer = _optimizer(groups, c, c.lr)
     lr_scheduler = get_scheduler(
         c.lr_scheduler,
         optimizer=optimizer,
@@ -360,7 +372,10 @@ def train(
     # -- resume
     progress = Progress(step=0, epoch=0, batches_in_epoch=0)
     if checkpoint is not None:
-        method.load_state_dict(accelerator.unwrap_model(unet), checkpoint.trainable)
+        trainable, token_state = _split_token_state(checkpoint.trainable)
+        method.load_state_dict(accelerator.unwrap_model(unet), trainable)
+        if token_params:
+            token_embedding.load_state_dict(pipe, token_state)
         checkpoint.restore(optimizer, lr_scheduler, accelerator.scaler)
         progress = checkpoint.progress
         logger.info("resumed from %s at step %d", checkpoint.path, progress.step)
@@ -412,8 +427,10 @@ def train(
                         if status["nonfinite"]:
                             _stop_on_nonfinite(plan, step)
                         accelerator.backward(loss)
+                        if token_params and accelerator.sync_gradients:
+                            _average_across_processes(token_params, accelerator)
                         if accelerator.sync_gradients and c.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, c.max_grad_norm)
+                            accelerator.clip_grad_norm_(params + token_params, c.max_grad_norm)
                         optimizer.step()
                         lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -433,7 +450,7 @@ def train(
                     interrupted = status["interrupted"]
                     if (c.checkpoint_every and step % c.checkpoint_every == 0) or interrupted:
                         path = _save_checkpoint(
-                            plan, accelerator, unet, optimizer, lr_scheduler, here
+                            plan, accelerator, unet, optimizer, lr_scheduler, here, pipe
                         )
                         if interrupted:
                             what = "terminated (SIGTERM)" if status["terminated"] else "interrupted"
@@ -452,6 +469,8 @@ def train(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter = method.save(accelerator.unwrap_model(unet), plan.output, c, pipe)
+        if c.train_token:
+            token_embedding.save(pipe, plan.output / token_embedding.EMBEDDING_FILE, c.token)
         summary = _write_summary(
             plan,
             trainable_params=trainable_count,
@@ -512,6 +531,7 @@ def _write_summary(plan: RunPlan, **measured: Any) -> dict[str, Any]:
         "model": c.model,
         **measured,
         "token": c.token,
+        "train_token": c.train_token,
         "class_name": c.class_name,
         "subject": str(c.subject),
         "mixed_precision": c.mixed_precision,
@@ -546,6 +566,25 @@ def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step,
     )
 
 
+def _split_token_state(
+    trainable: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's tensors: the method's, and the token embedding's (prefix removed)."""
+    prefix = token_embedding.CHECKPOINT_PREFIX
+    token = {k[len(prefix) :]: v for k, v in trainable.items() if k.startswith(prefix)}
+    return {k: v for k, v in trainable.items() if not k.startswith(prefix)}, token
+
+
+def _average_across_processes(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Average the token vectors' gradients over processes, as DDP does for the UNet's (the
+    text encoders are not wrapped by DDP)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        p.grad = accelerator.reduce(grad, reduction="mean")
+
+
 def _stop_on_nonfinite(plan: RunPlan, step: int) -> None:
     """The loss is NaN/inf: stop before it reaches the parameters; checkpoints stay good."""
     c = plan.config
@@ -562,15 +601,19 @@ def _stop_on_nonfinite(plan: RunPlan, step: int) -> None:
     )
 
 
-def _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, progress: Progress):
+def _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, progress: Progress, pipe):
     c = plan.config
     folder = plan.output / "checkpoints" / f"step-{progress.step:06d}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        trainable = plan.method.state_dict(accelerator.unwrap_model(unet))
+        if c.train_token:
+            prefix = token_embedding.CHECKPOINT_PREFIX
+            trainable |= {prefix + k: v for k, v in token_embedding.state_dict(pipe).items()}
         save_checkpoint(
             folder,
             progress=progress,
-            trainable=plan.method.state_dict(accelerator.unwrap_model(unet)),
+            trainable=trainable,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             scaler=accelerator.scaler,

@@ -85,6 +85,9 @@ def test_train_cli_passes_options_to_the_library(monkeypatch, tmp_path):
         "lora",
         "--validation-prompt",
         "a sks dog",
+        "--train-token",
+        "--token-lr",
+        "0.003",
         "--resume",
         "latest",
     ]
@@ -92,4 +95,5 @@ def test_train_cli_passes_options_to_the_library(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     c = seen["config"]
     assert (c.steps, c.lr, c.prior, c.method, c.subject) == (3, 0.002, False, "lora", "dog")
+    assert (c.train_token, c.token_lr) == (True, 0.003)
     assert c.validation_prompts == ("a sks dog",) and seen["resume"] == "latest"

@@ -68,6 +68,8 @@ class Family:
     #: A key prefix only this family's original single-file checkpoints hold (None: the
     #: family a file without any other family's marker is read as).
     single_file_marker: str | None = None
+    #: The keys of a textual-inversion file (A1111, ComfyUI), one per text encoder in order.
+    embedding_keys: tuple[str, ...] = ("emb_params",)
 
     def pipeline_class(self):
         """The diffusers pipeline class that loads and runs this family."""

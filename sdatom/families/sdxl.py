@@ -130,6 +130,7 @@ class StableDiffusionXL(Family):
     label = "Stable Diffusion XL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     single_file_marker = "conditioner.embedders.1.model."
+    embedding_keys = ("clip_l", "clip_g")
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
         return [pipe.text_encoder, pipe.text_encoder_2]
