@@ -216,12 +216,17 @@ def summarise(records: list[dict]) -> dict:
     return {"table": table, "best_lr": best}
 
 
-def write_report(path: Path, summary: dict, base: dict, command: str, seconds: float) -> None:
+def write_report(
+    path: Path, summary: dict, base: dict, command: str, seconds: float, section: str
+) -> None:
     def cell(v: tuple[float, float]) -> str:
         return "—" if math.isnan(v[0]) else f"{v[0]:.2f} ± {v[1]:.2f}"
 
+    title = "Atoms, LoRA and full fine-tuning on the toy subjects"
+    if section != "bench_quality":
+        title += f" ({section.removeprefix('bench_quality_').replace('_', ' ')})"
     lines = [
-        "## Atoms, LoRA and full fine-tuning on the toy subjects",
+        f"## {title}",
         "",
         f"Command: `{command}` ({seconds / 60:.0f} min on this machine: 2-core CPU, no GPU).",
         "",
@@ -261,7 +266,7 @@ def write_report(path: Path, summary: dict, base: dict, command: str, seconds: f
                 + " |"
             )
     lines.append("")
-    write_report_section(path, "bench_quality", lines)
+    write_report_section(path, section, lines)
 
 
 def plot(path: Path, summary: dict) -> None:
@@ -292,6 +297,9 @@ def main() -> None:
     mode.add_argument("--full", action="store_true", help="all subjects, methods, 3 lr, 3 seeds")
     mode.add_argument("--smoke", action="store_true", help="one subject, one method, 2 steps")
     ap.add_argument("--subjects", type=int, default=None, help="use the first N subjects")
+    ap.add_argument(
+        "--only", nargs="*", default=None, help="of those, only these subjects (by name)"
+    )
     ap.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
     ap.add_argument("--lrs", choices=("default", "all"), default=None)
     ap.add_argument("--seeds", type=int, default=None)
@@ -305,6 +313,11 @@ def main() -> None:
     )
     ap.add_argument("--out", default="runs/bench-quality")
     ap.add_argument("--report", default=str(ROOT / "QUALITY.md"))
+    ap.add_argument(
+        "--section",
+        default="bench_quality",
+        help="the report's section to (re)write: several tables can live in one file",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -339,6 +352,11 @@ def main() -> None:
     extra = {"num_class_images": 2, "class_sample_steps": 3} if args.smoke else {}
     base = base_scores(out, extra.get("class_sample_steps", 30))
     picks = [subjects.SUBJECTS[i] for i in _spread(args.subjects)]
+    if args.only is not None:
+        unknown = set(args.only) - {s.name for s in picks}
+        if unknown:
+            sys.exit(f"--only: {', '.join(sorted(unknown))}: not among the {len(picks)} subjects")
+        picks = [s for s in picks if s.name in args.only]
     from sdatom.toyworld.model import TRAIN_DEFAULTS
 
     records = []
@@ -368,8 +386,9 @@ def main() -> None:
     seconds = time.perf_counter() - started
     if not args.smoke:
         command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
-        write_report(Path(args.report), summary, base, command.strip(), seconds)
-        plot(Path(args.report).with_suffix(".png"), summary)
+        write_report(Path(args.report), summary, base, command.strip(), seconds, args.section)
+        suffix = "" if args.section == "bench_quality" else "-" + args.section
+        plot(Path(args.report).with_name(Path(args.report).stem + suffix + ".png"), summary)
     if args.json:
         print(json.dumps({"base": base, **summary}, indent=1, default=str))
 

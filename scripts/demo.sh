@@ -17,5 +17,8 @@ SDATOM="$BIN/sdatom"
 "$BIN/python" scripts/demo_figure.py "$RUN" "$RUN/demo.png"
 echo
 echo "adapter: $RUN/adapter.safetensors"
+if [ -f "$RUN/token_embedding.safetensors" ]; then
+  echo "token:   $RUN/token_embedding.safetensors (the trained embedding of sks)"
+fi
 echo "picture: $RUN/demo.png (subject photos; base model | adapted, same seeds)"
 echo "report:  $RUN/eval/report.html"

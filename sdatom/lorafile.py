@@ -428,6 +428,10 @@ def _load(run: Run, model: str | None) -> tuple[Any, Any, dict[str, LayerUpdate]
         config=run.config.get("model_config") if own else None,
         vae=run.config.get("vae") if own else None,
     )
+    if run.config.get("train_token"):  # exported beside the file: the samples compare both
+        from sdatom.token_embedding import load_into
+
+        load_into(base, run.path, run.config["token"])
     updates = get_method(run.method).dense_updates(exact, base.unet)
     if not updates:
         raise UsageError(f"--run {run.path}: the adapter changes no UNet layer; nothing to export")

@@ -198,13 +198,7 @@ def load_run_pipeline(
     )
     pipe = get_method(run.method).apply(pipe, run.adapter, merge=merge, force=force, spec=spec)
     if run.config.get("train_token"):
-        from sdatom.token_embedding import EMBEDDING_FILE, read, write_into
+        from sdatom.token_embedding import load_into
 
-        embedding = run.path / EMBEDDING_FILE
-        if not embedding.is_file():
-            raise AdapterError(
-                f"{run.path} was trained with --train-token but has no {EMBEDDING_FILE}: the "
-                "run did not finish; continue it with `sdatom train ... --resume latest`"
-            )
-        write_into(pipe, read(embedding, pipe), run.config["token"])
+        load_into(pipe, run.path, run.config["token"])
     return pipe

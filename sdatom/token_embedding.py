@@ -150,3 +150,14 @@ def write_into(pipe: Any, state: dict[str, torch.Tensor], token: str) -> None:
         ):
             table = encoder.get_input_embeddings().weight
             table[token_id] = state[key][0].to(table.dtype)
+
+
+def load_into(pipe: Any, run_dir: Path, token: str) -> None:
+    """Write a ``--train-token`` run's embedding (``run_dir / EMBEDDING_FILE``) into ``pipe``."""
+    path = run_dir / EMBEDDING_FILE
+    if not path.is_file():
+        raise AdapterError(
+            f"{run_dir} was trained with --train-token but has no {EMBEDDING_FILE}: the run "
+            "did not finish; continue it with `sdatom train ... --resume latest`"
+        )
+    write_into(pipe, read(path, pipe), token)

@@ -184,3 +184,13 @@ def test_two_processes_average_the_token_gradient(tmp_path):
     a = load_file(one.output / token_embedding.EMBEDDING_FILE)["emb_params"]
     b = load_file(tmp_path / "two" / token_embedding.EMBEDDING_FILE)["emb_params"]
     assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+
+
+def test_the_exact_diff_export_of_a_token_run_samples_like_the_run(tmp_path):
+    """The export's sample check loads the embedding too: with the exact update, the images
+    match (without the embedding they would differ wherever the prompt says sks)."""
+    from sdatom.lorafile import export_diff
+
+    result = train(_config(tmp_path, steps=2, token_lr=0.5), progress_bar=False)
+    report = export_diff(result.output, tmp_path / "out" / "d.safetensors", dtype="fp32")
+    assert report.image_diff["mean_abs"] <= 1e-3 and report.image_diff["max_abs"] <= 1e-2
