@@ -125,6 +125,32 @@ def base_scores(out: Path, sample_steps: int = 30) -> dict:
     return result
 
 
+def words_ceiling(out: Path, subject: subjects.ToySubject, n: int, sample_steps: int = 30) -> float:
+    """The base model's fidelity when the subject's look is written out in words (``a pink and
+    cyan striped square`` for ``sks square``), on the same protocol prompts and seeds: what a
+    token that means exactly those words could reach."""
+    from sdatom.models import load_pipeline
+
+    cached = out / "words" / f"{subject.name}-n{n}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())["fidelity"]
+    pipe = load_pipeline("toy", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    named = f"a {subject.appearance} {subject.shape}"
+    prompts = [
+        p.replace(f"sks {subject.shape}", named)
+        for p, role in subjects.protocol(subject)
+        if role == "subject"
+        for _ in range(n)
+    ]
+    images = quality.sample_images(pipe, prompts, seed=0, steps=sample_steps, guidance=7.5)
+    _, rows = quality.oracle_metrics(subject, prompts, images, "sks")
+    fidelity = statistics.fmean(float(r["is_subject"]) for r in rows)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps({"fidelity": fidelity, "prompts": len(prompts)}))
+    return fidelity
+
+
 def one_run(
     out: Path,
     subject: subjects.ToySubject,
@@ -217,7 +243,14 @@ def summarise(records: list[dict]) -> dict:
 
 
 def write_report(
-    path: Path, summary: dict, base: dict, command: str, seconds: float, section: str
+    path: Path,
+    summary: dict,
+    base: dict,
+    command: str,
+    seconds: float,
+    section: str,
+    ceilings: dict[str, float],
+    records: list[dict],
 ) -> None:
     def cell(v: tuple[float, float]) -> str:
         return "—" if math.isnan(v[0]) else f"{v[0]:.2f} ± {v[1]:.2f}"
@@ -265,6 +298,28 @@ def write_report(
                 + " | ".join(cell(e[k]) for k in KEYS[:6])
                 + " |"
             )
+    if len(ceilings) > 1:
+        methods = list(summary["best_lr"])
+        lines += [
+            "",
+            'Fidelity per subject (each method at its best lr, mean over seeds); "in words": the',
+            "base model asked for the subject's look in words on the same prompts and seeds",
+            "(`a pink and cyan striped square` for `sks square`), what a token could reach:",
+            "",
+            "| subject | in words | " + " | ".join(methods) + " |",
+            "|---|---:|" + "---:|" * len(methods),
+        ]
+        for name, ceiling in ceilings.items():
+            cells = []
+            for method in methods:
+                lr = summary["best_lr"][method]
+                got = [
+                    r["oracle_fidelity"]
+                    for r in records
+                    if (r["subject"], r["method"], r["lr"]) == (name, method, lr)
+                ]
+                cells.append(f"{statistics.fmean(got):.2f}" if got else "—")
+            lines.append(f"| {name} | {ceiling:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
     write_report_section(path, section, lines)
 
@@ -383,11 +438,21 @@ def main() -> None:
                             )  # fmt: skip
                         )
     summary = summarise(records)
-    seconds = time.perf_counter() - started
     if not args.smoke:
+        ceilings = {s.name: words_ceiling(out, s, args.n) for s in picks}
+        seconds = time.perf_counter() - started
         command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
-        write_report(Path(args.report), summary, base, command.strip(), seconds, args.section)
-        suffix = "" if args.section == "bench_quality" else "-" + args.section
+        write_report(
+            Path(args.report),
+            summary,
+            base,
+            command.strip(),
+            seconds,
+            args.section,
+            ceilings,
+            records,
+        )
+        suffix = args.section.removeprefix("bench_quality").replace("_", "-")
         plot(Path(args.report).with_name(Path(args.report).stem + suffix + ".png"), summary)
     if args.json:
         print(json.dumps({"base": base, **summary}, indent=1, default=str))

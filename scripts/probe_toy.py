@@ -43,7 +43,7 @@ def read(pipe, prompts: list[str], seed: int) -> list[oracle.Reading]:
     return [oracle.read(im) for im in images]
 
 
-def probe_base(out: Path, n: int) -> None:
+def probe_base(out: Path, n: int, names: list[str]) -> None:
     from sdatom.models import load_pipeline
 
     pipe = load_pipeline("toy", device="cpu")
@@ -73,7 +73,7 @@ def probe_base(out: Path, n: int) -> None:
             "appearance": share(lambda o, r: r.appearance == o.appearance),
         },
     )
-    for name in ("pink-cyan-striped-square", "pink-cyan-checkered-circle"):
+    for name in names:
         s = subjects.subject(name)
         prompts = [
             world.prompt(s.shape, appearance=s.appearance, background=b, position=p)
@@ -237,6 +237,12 @@ def main() -> None:
     sub.add_parser("text", help="how far words move the text encoder's hidden states")
     b = sub.add_parser("base", help="what the base model draws")
     b.add_argument("-n", type=int, default=60, help="two-tone prompts")
+    b.add_argument(
+        "--subjects",
+        nargs="*",
+        default=["pink-cyan-striped-square", "pink-cyan-checkered-circle"],
+        help="subjects whose look is asked for in words ('all': every toy subject)",
+    )
     r = sub.add_parser("run", help="train one method on one subject; score every checkpoint")
     r.add_argument("--tag", required=True, help="folder name under --out")
     r.add_argument("--subject", default="pink-cyan-striped-square")
@@ -259,7 +265,11 @@ def main() -> None:
     if a.what == "text":
         probe_text(out)
     else:
-        probe_base(out, a.n) if a.what == "base" else probe_run(out, a)
+        if a.what == "base":
+            names = [s.name for s in subjects.SUBJECTS] if a.subjects == ["all"] else a.subjects
+            probe_base(out, a.n, names)
+        else:
+            probe_run(out, a)
 
 
 if __name__ == "__main__":

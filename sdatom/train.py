@@ -258,14 +258,14 @@ def make_accelerator(config: TrainConfig, output: Path):
     )
 
 
-def _optimizer(params: list[dict[str, Any]], config: TrainConfig, lr: float):
+def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, lr: float):
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise UsageError("--use-8bit-adam needs bitsandbytes: pip install 'sdatom[bnb]'")
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.adam_weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=config.adam_weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=config.adam_weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.adam_weight_decay)
 
 
 def train(
