@@ -234,6 +234,7 @@ def export(
     run = as_run(run_dir)
     lines: list[str] = []
     dense_layers = 0
+    embedding = None  # a --train-token run's embedding, written beside a LoRA/diff file
     if merged is not None or single_file is not None:
         write = export_merged if merged is not None else export_single_file
         out = write(
@@ -267,6 +268,7 @@ def export(
     if push_to_hub:
         paths = [out]
         if out.is_file():
-            paths += [p for p in (card, out.parent / GRID_FILE) if p is not None and p.is_file()]
+            beside = (card, out.parent / GRID_FILE, embedding)
+            paths += [p for p in beside if p is not None and p.is_file()]
         say(f"pushed: {upload(push_to_hub, paths)}")
     return out

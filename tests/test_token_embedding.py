@@ -194,3 +194,13 @@ def test_the_exact_diff_export_of_a_token_run_samples_like_the_run(tmp_path):
     result = train(_config(tmp_path, steps=2, token_lr=0.5), progress_bar=False)
     report = export_diff(result.output, tmp_path / "out" / "d.safetensors", dtype="fp32")
     assert report.image_diff["mean_abs"] <= 1e-3 and report.image_diff["max_abs"] <= 1e-2
+
+
+def test_push_to_hub_uploads_the_embedding_with_the_file(tmp_path):
+    from sdatom.card import HubError
+
+    result = train(_config(tmp_path, steps=1), progress_bar=False)
+    out = tmp_path / "out" / "d.safetensors"
+    # Offline here: the one-line error lists every file the upload would have taken.
+    with pytest.raises(HubError, match=r"sks\.safetensors"):
+        export(result.output, diff=out, samples=0, push_to_hub="me/dog")
