@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -97,6 +98,20 @@ def score_run(
     return overall
 
 
+def subject_folder(out: Path, subject: subjects.ToySubject, captions: str) -> Path:
+    """The subject's pictures; with ``captions="full"`` a copy with one caption per picture
+    naming its position and background (``a photo of sks square on the left on a yellow
+    background``), as a user who captions their photos would write."""
+    if captions == "default":
+        return SUBJECTS_DIR / subject.name
+    folder = out / "subjects-captioned" / subject.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, obj in enumerate(subject.objects()):
+        shutil.copyfile(SUBJECTS_DIR / subject.name / f"{i:02d}.png", folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(world.caption(obj, subject="sks") + "\n")
+    return folder
+
+
 def subject_images(subject: subjects.ToySubject):
     from PIL import Image
 
@@ -162,11 +177,14 @@ def one_run(
     backbones,
     extra: dict | None = None,
     token: bool = True,
+    captions: str = "default",
 ) -> dict:
     from sdatom.train import train
 
-    # Runs that train the token's embedding are tagged: the cache keeps both kinds apart.
-    tag = f"{subject.name}/{name}{'-token' if token else ''}-lr{lr:g}-s{seed}"
+    # Runs that train the token's embedding or use per-image captions are tagged: the cache
+    # keeps each kind apart.
+    variant = ("-token" if token else "") + ("-captions" if captions == "full" else "")
+    tag = f"{subject.name}/{name}{variant}-lr{lr:g}-s{seed}"
     result_file = out / "results" / f"{tag.replace('/', '__')}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -175,7 +193,7 @@ def one_run(
     config = build_config(
         None,
         model="toy",
-        subject=str(SUBJECTS_DIR / subject.name),
+        subject=str(subject_folder(out, subject, captions)),
         class_name=subject.class_name,
         output=str(run_dir),
         lr=lr,
@@ -193,9 +211,10 @@ def one_run(
         train(config, overwrite=True, progress_bar=False)
     summary = json.loads(summary_file.read_text())
     scores = score_run(run_dir, subject, n, backbones, (extra or {}).get("class_sample_steps", 30))
+    label = name + (" + token" if token else "") + (" + captions" if captions == "full" else "")
     record = {
         "subject": subject.name,
-        "method": f"{name} + token" if token else name,
+        "method": label,
         "lr": lr,
         "seed": seed,
         "trainable_params": summary["trainable_params"],
@@ -366,6 +385,12 @@ def main() -> None:
         default="on",
         help="train the token's embedding beside each method (on: sdatom's toy default)",
     )
+    ap.add_argument(
+        "--captions",
+        choices=("default", "full"),
+        default="default",
+        help="full: one caption per subject picture naming its position and background",
+    )
     ap.add_argument("--out", default="runs/bench-quality")
     ap.add_argument("--report", default=str(ROOT / "QUALITY.md"))
     ap.add_argument(
@@ -435,7 +460,8 @@ def main() -> None:
                                 backbones,
                                 extra,
                                 token,
-                            )  # fmt: skip
+                                args.captions,
+                            )
                         )
     summary = summarise(records)
     if not args.smoke:

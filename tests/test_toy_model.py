@@ -213,3 +213,22 @@ def test_toy_without_its_weights_is_a_one_line_error(tmp_path, monkeypatch):
         load_pipeline("toy")
     message = str(err.value)
     assert "\n" not in message and "pretrain_toy.py" in message and "--model tiny" in message
+
+
+def test_bench_captioned_subjects_say_what_each_picture_shows(tmp_path, monkeypatch):
+    """bench_quality --captions full: each picture's caption names the position and background
+    the oracle reads from that same picture."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_quality
+    from PIL import Image
+
+    folder = bench_quality.subject_folder(tmp_path, SUBJECT, "full")
+    pictures = sorted(folder.glob("*.png"))
+    assert len(pictures) == len(SUBJECT.objects())
+    for picture in pictures:
+        seen = oracle.read(Image.open(picture).convert("RGB"))
+        caption = picture.with_suffix(".txt").read_text().strip()
+        assert caption == f"a photo of sks {SUBJECT.shape} on the {seen.position} on a " + (
+            f"{seen.background} background"
+        )
+    assert bench_quality.subject_folder(tmp_path, SUBJECT, "default") == SUBJECT_DIR
