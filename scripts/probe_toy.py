@@ -148,7 +148,7 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     from sdatom.config import build_config
     from sdatom.data import instance_prompt
     from sdatom.runs import load_run_pipeline
-    from sdatom.token_embedding import CHECKPOINT_PREFIX, write_into
+    from sdatom.token_embedding import split_checkpoint, write_into
     from sdatom.train import train
 
     root = out / a.tag
@@ -192,17 +192,11 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     for ckpt in sorted((root / "run" / "checkpoints").glob("step-*")):
         state = json.loads((ckpt / "state.json").read_text())
         with torch.no_grad():
-            saved = load_file(ckpt / "trainable.safetensors")
-            token = {
-                k[len(CHECKPOINT_PREFIX) :]: v
-                for k, v in saved.items()
-                if k.startswith(CHECKPOINT_PREFIX)
-            }
+            saved, token = split_checkpoint(load_file(ckpt / "trainable.safetensors"))
             if token:
                 write_into(pipe, token, "sks")
             for k, v in saved.items():
-                if not k.startswith(CHECKPOINT_PREFIX):
-                    tensors[k].copy_(v)
+                tensors[k].copy_(v)
         images = quality.sample_images(pipe, prompts, seed=0, steps=30, guidance=7.5)
         overall, rows = quality.oracle_metrics(s, prompts, images, "sks")
         fit = quality.sample_images(pipe, trained, seed=500, steps=30, guidance=7.5)

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from sdatom.errors import DataError
 from sdatom.fileio import atomic_path
+from sdatom.prompts import token_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -739,7 +739,7 @@ class Encoders:
         self.device, self.cache = device, cache
         # Prompts holding this token are encoded at every step, with gradients (its embedding
         # is being trained, :mod:`sdatom.token_embedding`); the others once.
-        self.live = re.compile(rf"(?<!\w){re.escape(live_token)}(?!\w)") if live_token else None
+        self.live = token_pattern(live_token) if live_token else None
         self._latents: dict[str, torch.Tensor] = {}
         self._prompts: dict[str, Any] = {}
 

@@ -210,6 +210,11 @@ def protocol_prompts(
     return [t.replace("{}", subject) for t in templates]
 
 
+def token_pattern(token: str) -> re.Pattern[str]:
+    """``token`` as a whole word (``sks`` in ``a sks dog``, not in ``asks``)."""
+    return re.compile(rf"(?<!\w){re.escape(token)}(?!\w)")
+
+
 def strip_token(prompt: str, token: str) -> str:
     """Remove the placeholder ``token`` (whole words only) and normalise whitespace.
 
@@ -219,6 +224,6 @@ def strip_token(prompt: str, token: str) -> str:
     token = token.strip()
     if not token:
         raise ValueError("token must be a non-empty string")
-    out = re.sub(rf"(?<!\w){re.escape(token)}(?!\w)", " ", prompt)
+    out = token_pattern(token).sub(" ", prompt)
     out = " ".join(out.split())
     return re.sub(r"\s+([,.;:!?])", r"\1", out)

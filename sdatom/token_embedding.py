@@ -104,6 +104,20 @@ def load_state_dict(pipe: Any, state: dict[str, torch.Tensor]) -> None:
             wrapper.vector.copy_(state[key][0])
 
 
+def checkpoint_state(pipe: Any) -> dict[str, torch.Tensor]:
+    """The vectors as a checkpoint stores them, beside the method's tensors (prefixed)."""
+    return {CHECKPOINT_PREFIX + k: v for k, v in state_dict(pipe).items()}
+
+
+def split_checkpoint(
+    trainable: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's tensors: the method's, and the token's (prefix removed; empty without)."""
+    n = len(CHECKPOINT_PREFIX)
+    token = {k[n:]: v for k, v in trainable.items() if k.startswith(CHECKPOINT_PREFIX)}
+    return {k: v for k, v in trainable.items() if not k.startswith(CHECKPOINT_PREFIX)}, token
+
+
 def save(pipe: Any, path: Path, token: str) -> Path:
     """Write the trained vectors as a textual-inversion file (atomically)."""
     from safetensors.torch import save_file

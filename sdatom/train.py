@@ -372,7 +372,7 @@ def train(
     # -- resume
     progress = Progress(step=0, epoch=0, batches_in_epoch=0)
     if checkpoint is not None:
-        trainable, token_state = _split_token_state(checkpoint.trainable)
+        trainable, token_state = token_embedding.split_checkpoint(checkpoint.trainable)
         method.load_state_dict(accelerator.unwrap_model(unet), trainable)
         if token_params:
             token_embedding.load_state_dict(pipe, token_state)
@@ -566,15 +566,6 @@ def _loss_of_batch(batch, unet, scheduler, encoders, pipe, c, accelerator, step,
     )
 
 
-def _split_token_state(
-    trainable: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A checkpoint's tensors: the method's, and the token embedding's (prefix removed)."""
-    prefix = token_embedding.CHECKPOINT_PREFIX
-    token = {k[len(prefix) :]: v for k, v in trainable.items() if k.startswith(prefix)}
-    return {k: v for k, v in trainable.items() if not k.startswith(prefix)}, token
-
-
 def _average_across_processes(params: list[torch.nn.Parameter], accelerator) -> None:
     """Average the token vectors' gradients over processes, as DDP does for the UNet's (the
     text encoders are not wrapped by DDP)."""
@@ -608,8 +599,7 @@ def _save_checkpoint(plan, accelerator, unet, optimizer, lr_scheduler, progress:
     if accelerator.is_main_process:
         trainable = plan.method.state_dict(accelerator.unwrap_model(unet))
         if c.train_token:
-            prefix = token_embedding.CHECKPOINT_PREFIX
-            trainable |= {prefix + k: v for k, v in token_embedding.state_dict(pipe).items()}
+            trainable |= token_embedding.checkpoint_state(pipe)
         save_checkpoint(
             folder,
             progress=progress,

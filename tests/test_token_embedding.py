@@ -2,12 +2,12 @@
 textual-inversion layout, written into the text encoders when a run is loaded, resumed exactly,
 and exported beside LoRA files under the token's name."""
 
-import os
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import _config as train_config
 
 from sdatom import token_embedding
 from sdatom.config import TrainConfig
@@ -17,25 +17,10 @@ from sdatom.families import family_of
 from sdatom.runs import load_run_pipeline
 from sdatom.train import train
 
-SUBJECT = os.path.join(os.path.dirname(__file__), "..", "data", "toy")
-
 
 def _config(tmp_path, name="run", **kw):
-    base = dict(
-        subject=SUBJECT,
-        class_name="toy",
-        model="tiny",
-        resolution=32,
-        steps=4,
-        prior=False,
-        lr=1e-2,
-        train_token=True,
-        token_lr=1e-2,
-        report_to="none",
-        checkpoint_every=0,
-        output=str(tmp_path / name),
-    )
-    return TrainConfig(**{**base, **kw})
+    """test_train's tiny run, training the token (both lrs high enough to move in 4 steps)."""
+    return train_config(tmp_path, name, **{"lr": 1e-2, "train_token": True, "token_lr": 1e-2, **kw})
 
 
 def _hidden(pipe, prompt):
