@@ -154,7 +154,8 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     root = out / a.tag
     s = subjects.subject(a.subject)
     options = {"method": a.method}
-    for key in ("preset", "prior_loss_weight", "num_class_images", "train_token", "token_lr"):
+    keys = ("preset", "prior_loss_weight", "num_class_images", "train_token", "token_lr")
+    for key in (*keys, "token_vectors"):
         if getattr(a, key) is not None:
             options[key] = getattr(a, key)
     config = build_config(
@@ -175,14 +176,6 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     if not (root / "run" / "train_summary.json").is_file():
         train(config, overwrite=True, progress_bar=False)
     seconds = json.loads((root / "run" / "train_summary.json").read_text())["train_seconds"]
-    # The finished run, unmerged; each checkpoint's trainable tensors are copied into it.
-    pipe = load_run_pipeline(root / "run", device="cpu", merge=False)
-    pipe.set_progress_bar_config(disable=True)
-    # LoRA layers name their adapter (``lora_A.default_0.weight``); checkpoints do not.
-    tensors = {
-        re.sub(r"\.default(_\d+)?\.", ".", k): v
-        for k, v in [*pipe.unet.named_parameters(), *pipe.unet.named_buffers()]
-    }
     protocol = [p for p, _ in subjects.protocol(s)]
     prompts = [p for p in protocol for _ in range(a.n)]
     prompts += [world.caption(o) for o in quality.held_in_prompts(16, 7)]
@@ -191,6 +184,15 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     trained = [instance_prompt("sks", s.class_name)] * 8
     for ckpt in sorted((root / "run" / "checkpoints").glob("step-*")):
         state = json.loads((ckpt / "state.json").read_text())
+        # The finished run, unmerged (a multi-vector token is loaded once per pipeline); the
+        # checkpoint's trainable tensors are copied into it.
+        pipe = load_run_pipeline(root / "run", device="cpu", merge=False)
+        pipe.set_progress_bar_config(disable=True)
+        # LoRA layers name their adapter (``lora_A.default_0.weight``); checkpoints do not.
+        tensors = {
+            re.sub(r"\.default(_\d+)?\.", ".", k): v
+            for k, v in [*pipe.unet.named_parameters(), *pipe.unet.named_buffers()]
+        }
         with torch.no_grad():
             saved, token = split_checkpoint(load_file(ckpt / "trainable.safetensors"))
             if token:
@@ -216,6 +218,7 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
                 "prior_loss_weight": config.prior_loss_weight,
                 "train_token": config.train_token,
                 "token_lr": config.token_lr if config.train_token else None,
+                "token_vectors": config.token_vectors if config.train_token else None,
                 "step": state["step"],
                 "train_seconds": round(seconds),
                 **{k: round(v, 3) for k, v in overall.items() if v is not None},
@@ -250,6 +253,7 @@ def main() -> None:
     r.add_argument("--num-class-images", type=int, default=None)
     r.add_argument("--train-token", action="store_true", default=None)
     r.add_argument("--token-lr", type=float, default=None)
+    r.add_argument("--token-vectors", type=int, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("-n", type=int, default=2, help="images per protocol prompt")
     a = ap.parse_args()

@@ -152,6 +152,7 @@ def train(
         bool | None, _field_option("train_token", "--train-token/--no-train-token")
     ] = None,
     token_lr: Annotated[float | None, _field_option("token_lr", "--token-lr")] = None,
+    token_vectors: Annotated[int | None, _field_option("token_vectors", "--token-vectors")] = None,
     steps: Annotated[int | None, _field_option("steps", "--steps")] = None,
     resolution: Annotated[int | None, _field_option("resolution", "--resolution")] = None,
     batch_size: Annotated[int | None, _field_option("batch_size", "--batch-size")] = None,
@@ -236,6 +237,7 @@ def train(
         token=token,
         train_token=train_token,
         token_lr=token_lr,
+        token_vectors=token_vectors,
         steps=steps,
         resolution=resolution,
         batch_size=batch_size,

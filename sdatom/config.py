@@ -48,6 +48,11 @@ class TrainConfig:
     token_lr: float = _field(
         5e-4, "Learning rate of the token's embedding (--train-token). Default 5e-4; toy 5e-3."
     )
+    token_vectors: int = _field(
+        1,
+        "Vectors in the token's embedding (--train-token): N > 1 makes the token N tokens "
+        "long, as multi-vector textual inversion. Default 1; toy 4.",
+    )
     model: str | None = _field(
         None, "Base model spec (hub id, folder, file, toy, tiny, tiny-sdxl, random:sd15/sd21/sdxl)."
     )
@@ -211,7 +216,14 @@ def _validate(c: TrainConfig) -> None:
             raise bad(name, f"must be one of {', '.join(allowed)}")
     if c.resolution is not None and (c.resolution <= 0 or c.resolution % 8):
         raise bad("resolution", "must be a positive multiple of 8 (the VAE downsamples by 8)")
-    positive = ("steps", "batch_size", "grad_accum", "lora_rank", "validation_images")
+    positive = (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "lora_rank",
+        "validation_images",
+        "token_vectors",
+    )
     for name in positive:
         if getattr(c, name) <= 0:
             raise bad(name, "must be a positive integer")

@@ -31,6 +31,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from sdatom.errors import DataError
 from sdatom.fileio import atomic_path
 from sdatom.prompts import token_pattern
+from sdatom.token_embedding import expand
 
 logger = logging.getLogger(__name__)
 
@@ -731,14 +732,23 @@ class Encoders:
     embedding and size ids) is the model family's business (:mod:`sdatom.families`).
     """
 
-    def __init__(self, pipe: Any, device: torch.device, cache: bool, live_token: str | None = None):
+    def __init__(
+        self,
+        pipe: Any,
+        device: torch.device,
+        cache: bool,
+        live_token: str | None = None,
+        token_vectors: int = 1,
+    ):
         from sdatom.families import family_of
 
         self.pipe, self.family = pipe, family_of(pipe)
         self.vae = pipe.vae  # images go in in the VAE's own dtype (SDXL's may stay fp32)
         self.device, self.cache = device, cache
         # Prompts holding this token are encoded at every step, with gradients (its embedding
-        # is being trained, :mod:`sdatom.token_embedding`); the others once.
+        # is being trained, :mod:`sdatom.token_embedding`), the token written once per vector;
+        # the others once.
+        self.live_token, self.token_vectors = live_token, token_vectors
         self.live = token_pattern(live_token) if live_token else None
         self._latents: dict[str, torch.Tensor] = {}
         self._prompts: dict[str, Any] = {}
@@ -767,7 +777,12 @@ class Encoders:
         with torch.no_grad():
             for p in set(prompts) - self._prompts.keys() - live:
                 self._prompts[p] = self.family.encode_prompts(self.pipe, [p], self.device)
-        fresh = {p: self.family.encode_prompts(self.pipe, [p], self.device) for p in live}
+        fresh = {
+            p: self.family.encode_prompts(
+                self.pipe, [expand(p, self.live_token, self.token_vectors)], self.device
+            )
+            for p in live
+        }
         return Conditioning.cat([fresh[p] if p in fresh else self._prompts[p] for p in prompts])
 
     def prompts(self, prompts: list[str]) -> torch.Tensor:

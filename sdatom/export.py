@@ -152,6 +152,13 @@ def export_single_file(
     if out.suffix.lower() != ".safetensors":
         raise UsageError(f"--single-file {out}: the file name must end in .safetensors")
     _prepare_target(out, "--single-file")
+    vectors = int(run.config.get("token_vectors", 1)) if run.config.get("train_token") else 1
+    if vectors > 1:
+        raise UsageError(
+            f"{run.path} trained a {vectors}-vector token, which needs new tokenizer entries a "
+            "single-file checkpoint cannot hold: export --lora or --diff (the embedding is "
+            "written beside, for A1111/ComfyUI) or --merged (a diffusers folder)"
+        )
     torch_dtype = _cast(dtype)
     with progress_bar(2, "export", enabled=progress, unit="step") as bar:
         bar.set_postfix_str("load and merge")

@@ -29,6 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdatom.errors import DataError, UsageError
 from sdatom.fileio import atomic_path, atomic_write_text
+from sdatom.token_embedding import expand
 
 __all__ = [
     "SCHEDULERS",
@@ -434,9 +435,12 @@ def validation_samples(
     try:
         for k in range(accelerator.process_index, len(jobs), accelerator.num_processes):
             p, i = jobs[k]
+            prompt = c.validation_prompts[p]
+            if c.train_token:  # the attached vectors take the token once per vector
+                prompt = expand(prompt, c.token, c.token_vectors)
             with accelerator.autocast():
                 image = pipe(
-                    c.validation_prompts[p],
+                    prompt,
                     num_inference_steps=c.validation_steps,
                     height=c.resolution,
                     width=c.resolution,

@@ -30,13 +30,20 @@ CHECKPOINT_PREFIX = "token_embedding."
 
 
 class TrainedTokenEmbedding(torch.nn.Module):
-    """A text encoder's input embedding whose row for one token is a trainable vector."""
+    """A text encoder's input embedding whose row for one token is trainable: ``n`` vectors.
 
-    def __init__(self, base: torch.nn.Embedding, token_id: int):
+    With ``n > 1`` (``--token-vectors``) prompts carry the token ``n`` times in a row
+    (:func:`expand`) and the k-th copy of a run takes the k-th vector, as textual inversion's
+    multi-vector tokens do; with ``n = 1`` it is the token's own row.
+    """
+
+    def __init__(self, base: torch.nn.Embedding, token_id: int, n: int = 1):
         super().__init__()
         self.base, self.token_id = base, token_id
         # fp32 like every trainable parameter; the frozen table may be in the compute dtype.
-        self.vector = torch.nn.Parameter(base.weight[token_id].detach().float().clone())
+        # Every vector starts as the token's row: the copies differ by position from the start.
+        row = base.weight[token_id].detach().float()
+        self.vectors = torch.nn.Parameter(row[None].repeat(n, 1))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -44,8 +51,18 @@ class TrainedTokenEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
-        hit = (input_ids == self.token_id).unsqueeze(-1)
-        return torch.where(hit, self.vector.to(out.dtype), out)
+        hit = input_ids == self.token_id
+        # The k-th occurrence of the token along the prompt takes vector k mod n: with every
+        # occurrence expanded to n copies, each copy its own vector.
+        k = (hit.long().cumsum(-1) - 1).clamp(min=0) % self.vectors.shape[0]
+        return torch.where(hit.unsqueeze(-1), self.vectors.to(out.dtype)[k], out)
+
+
+def expand(prompt: str, token: str, n: int) -> str:
+    """``prompt`` with each whole-word ``token`` written ``n`` times (``--token-vectors``)."""
+    from sdatom.prompts import token_pattern
+
+    return prompt if n == 1 else token_pattern(token).sub(" ".join([token] * n), prompt)
 
 
 def token_ids(pipe: Any, token: str) -> list[int]:
@@ -64,17 +81,18 @@ def token_ids(pipe: Any, token: str) -> list[int]:
     return ids
 
 
-def attach(pipe: Any, token: str) -> list[torch.nn.Parameter]:
-    """Make the token's embedding row trainable in every text encoder; return the vectors."""
+def attach(pipe: Any, token: str, n: int = 1) -> list[torch.nn.Parameter]:
+    """Make the token's embedding row trainable in every text encoder (``n`` vectors each);
+    return the parameters, one ``(n, width)`` per text encoder."""
     from sdatom.families import family_of
 
     vectors = []
     for encoder, token_id in zip(
         family_of(pipe).text_encoders(pipe), token_ids(pipe, token), strict=True
     ):
-        wrapper = TrainedTokenEmbedding(encoder.get_input_embeddings(), token_id)
+        wrapper = TrainedTokenEmbedding(encoder.get_input_embeddings(), token_id, n)
         encoder.set_input_embeddings(wrapper)
-        vectors.append(wrapper.vector)
+        vectors.append(wrapper.vectors)
     return vectors
 
 
@@ -88,11 +106,11 @@ def _wrappers(pipe: Any) -> list[TrainedTokenEmbedding]:
 
 
 def state_dict(pipe: Any) -> dict[str, torch.Tensor]:
-    """The trained vectors under the family's textual-inversion keys, each ``(1, width)``."""
+    """The trained vectors under the family's textual-inversion keys, each ``(n, width)``."""
     from sdatom.families import family_of
 
     keys = family_of(pipe).embedding_keys
-    return {k: w.vector.detach().float()[None] for k, w in zip(keys, _wrappers(pipe), strict=True)}
+    return {k: w.vectors.detach().float() for k, w in zip(keys, _wrappers(pipe), strict=True)}
 
 
 def load_state_dict(pipe: Any, state: dict[str, torch.Tensor]) -> None:
@@ -101,7 +119,7 @@ def load_state_dict(pipe: Any, state: dict[str, torch.Tensor]) -> None:
 
     with torch.no_grad():
         for key, wrapper in zip(family_of(pipe).embedding_keys, _wrappers(pipe), strict=True):
-            wrapper.vector.copy_(state[key][0])
+            wrapper.vectors.copy_(state[key])
 
 
 def checkpoint_state(pipe: Any) -> dict[str, torch.Tensor]:
@@ -141,11 +159,13 @@ def read(path: str | os.PathLike, pipe: Any) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{path}: not a readable token embedding ({first_line(e)})") from None
     family = family_of(pipe)
     encoders = family.text_encoders(pipe)
+    rows = {tuple(v.shape)[0] for v in state.values() if v.ndim == 2}
     for key, encoder in zip(family.embedding_keys, encoders, strict=True):
         width = encoder.get_input_embeddings().weight.shape[1]
-        if key not in state or tuple(state[key].shape) != (1, width):
+        shape = tuple(state[key].shape) if key in state else None
+        if shape is None or len(shape) != 2 or shape[1] != width or shape[0] < 1 or len(rows) > 1:
             raise AdapterError(
-                f"{path}: needs {key!r} of shape (1, {width}) for this {family.label} model, "
+                f"{path}: needs {key!r} of shape (n, {width}) for this {family.label} model, "
                 f"has { ({k: tuple(v.shape) for k, v in state.items()}) }: it was trained on "
                 "another base model"
             )
@@ -153,17 +173,43 @@ def read(path: str | os.PathLike, pipe: Any) -> dict[str, torch.Tensor]:
 
 
 def write_into(pipe: Any, state: dict[str, torch.Tensor], token: str) -> None:
-    """Write a trained token's vectors (:func:`read`) into the embedding tables (no wrapper)."""
+    """Write a trained token's vectors (:func:`read`) into the text encoders (no wrapper).
+
+    One vector goes into the token's own row. Several (``--token-vectors``) cannot: they are
+    loaded as diffusers loads a multi-vector textual inversion, as new tokenizer entries
+    ``token``, ``token_1``, ... that the pipeline expands ``token`` into in every prompt
+    (``maybe_convert_prompt``), so ``a sks dog`` works unchanged.
+    """
     from sdatom.families import family_of
 
     family = family_of(pipe)
     ids = token_ids(pipe, token)
+    encoders, tokenizers = family.text_encoders(pipe), family.tokenizers(pipe)
     with torch.no_grad():
-        for key, encoder, token_id in zip(
-            family.embedding_keys, family.text_encoders(pipe), ids, strict=True
+        for key, encoder, tokenizer, token_id in zip(
+            family.embedding_keys, encoders, tokenizers, ids, strict=True
         ):
-            table = encoder.get_input_embeddings().weight
-            table[token_id] = state[key][0].to(table.dtype)
+            vectors = state[key]
+            if vectors.shape[0] == 1:
+                table = encoder.get_input_embeddings().weight
+                table[token_id] = vectors[0].to(table.dtype)
+                continue
+            names = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
+            if all(n in tokenizer.added_tokens_encoder for n in names):  # loaded before: rewrite
+                table = encoder.get_input_embeddings().weight
+                table[tokenizer.convert_tokens_to_ids(names)] = vectors.to(table.dtype)
+                continue
+            pipe.load_textual_inversion(
+                vectors, token=token, tokenizer=tokenizer, text_encoder=encoder
+            )
+            # CLIP configs with the legacy eos_token_id 2 pool at the highest token id, which
+            # is now an added token: pool at the end-of-text token instead (where the legacy
+            # rule pooled before, as every id was below it), as training did.
+            if encoder.config.eos_token_id != tokenizer.eos_token_id:
+                encoder.config.eos_token_id = tokenizer.eos_token_id
+                for module in encoder.modules():  # the text transformer keeps its own copy
+                    if "eos_token_id" in vars(module):
+                        module.eos_token_id = tokenizer.eos_token_id
 
 
 def load_into(pipe: Any, run_dir: Path, token: str) -> None:

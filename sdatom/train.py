@@ -337,7 +337,7 @@ def train(
     for encoder in text_encoders:
         encoder.to(dtype=weight_dtype)
     # After the cast: the token's vectors start from the rows the frozen encoders would use.
-    token_params = token_embedding.attach(pipe, c.token) if c.train_token else []
+    token_params = token_embedding.attach(pipe, c.token, c.token_vectors) if c.train_token else []
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable_count = method.count(params) + sum(v.numel() for v in token_params)
@@ -345,7 +345,11 @@ def train(
     # -- data
     dataset, sampler, loader = _data(plan, images)
     encoders = Encoders(
-        pipe, accelerator.device, c.cache_latents, live_token=c.token if c.train_token else None
+        pipe,
+        accelerator.device,
+        c.cache_latents,
+        live_token=c.token if c.train_token else None,
+        token_vectors=c.token_vectors,
     )
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 

@@ -88,6 +88,8 @@ def test_train_cli_passes_options_to_the_library(monkeypatch, tmp_path):
         "--train-token",
         "--token-lr",
         "0.003",
+        "--token-vectors",
+        "4",
         "--resume",
         "latest",
     ]
@@ -95,5 +97,5 @@ def test_train_cli_passes_options_to_the_library(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     c = seen["config"]
     assert (c.steps, c.lr, c.prior, c.method, c.subject) == (3, 0.002, False, "lora", "dog")
-    assert (c.train_token, c.token_lr) == (True, 0.003)
+    assert (c.train_token, c.token_lr, c.token_vectors) == (True, 0.003, 4)
     assert c.validation_prompts == ("a sks dog",) and seen["resume"] == "latest"

@@ -90,9 +90,10 @@ def test_a_finished_run_without_its_embedding_file_is_refused(tmp_path):
         load_run_pipeline(result.output)
 
 
-def test_resume_finishes_with_the_same_token_embedding(tmp_path):
+@pytest.mark.parametrize("vectors", [1, 3])
+def test_resume_finishes_with_the_same_token_embedding(tmp_path, vectors):
     common = dict(steps=4, checkpoint_every=2, keep_checkpoints=3, prior=True)
-    common |= dict(num_class_images=2, class_sample_steps=2)
+    common |= dict(num_class_images=2, class_sample_steps=2, token_vectors=vectors)
     whole = train(_config(tmp_path, "whole", **common), progress_bar=False)
     cut = train(_config(tmp_path, "cut", **common), progress_bar=False)
     for name in ("adapter.safetensors", "train_summary.json", token_embedding.EMBEDDING_FILE):
@@ -189,3 +190,80 @@ def test_push_to_hub_uploads_the_embedding_with_the_file(tmp_path):
     # Offline here: the one-line error lists every file the upload would have taken.
     with pytest.raises(HubError, match=r"sks\.safetensors"):
         export(result.output, diff=out, samples=0, push_to_hub="me/dog")
+
+
+def test_a_multi_vector_token_gives_each_copy_its_own_vector(tiny_pipe):
+    assert token_embedding.expand("a sks toy, sks!", "sks", 3) == "a sks sks sks toy, sks sks sks!"
+    assert token_embedding.expand("asks a sks", "sks", 2) == "asks a sks sks"  # whole words
+    assert token_embedding.expand("a sks toy", "sks", 1) == "a sks toy"
+    (vectors,) = token_embedding.attach(tiny_pipe, "sks", 3)
+    assert vectors.shape == (3, tiny_pipe.text_encoder.get_input_embeddings().weight.shape[1])
+    with torch.no_grad():
+        vectors.copy_(torch.randn(vectors.shape, generator=torch.Generator().manual_seed(0)))
+    ids = tiny_pipe.tokenizer("a sks sks sks toy", return_tensors="pt").input_ids
+    (sks,) = token_embedding.token_ids(tiny_pipe, "sks")
+    at = (ids[0] == sks).nonzero()[:, 0]
+    rows = tiny_pipe.text_encoder.get_input_embeddings()(ids)[0, at]
+    assert torch.equal(rows, vectors)  # copy k takes vector k
+
+
+def _training_conditioning(model, saved, prompt):
+    """The conditioning training saw: the base model, the vectors attached, the prompt expanded."""
+    from sdatom.models import load_pipeline
+
+    pipe = load_pipeline(model)
+    token_embedding.attach(pipe, "sks", next(iter(saved.values())).shape[0])
+    token_embedding.load_state_dict(pipe, saved)
+    with torch.no_grad():
+        n = next(iter(saved.values())).shape[0]
+        return family_of(pipe).encode_prompts(
+            pipe, [token_embedding.expand(prompt, "sks", n)], torch.device("cpu")
+        )
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_a_multi_vector_run_loads_with_the_conditioning_it_trained_on(tmp_path, model):
+    result = train(_config(tmp_path, model=model, steps=2, token_vectors=3), progress_bar=False)
+    saved = load_file(result.output / token_embedding.EMBEDDING_FILE)
+    assert {tuple(v.shape)[0] for v in saved.values()} == {3}
+    pipe = load_run_pipeline(result.output)
+    # diffusers' multi-vector loading: the pipeline expands the token in every prompt.
+    assert pipe.maybe_convert_prompt("a sks toy", pipe.tokenizer) == "a sks sks_1 sks_2 toy"
+    with torch.no_grad():
+        got = family_of(pipe).encode_prompts(pipe, ["a sks toy"], torch.device("cpu"))
+    want = _training_conditioning(model, saved, "a sks toy")
+    assert torch.allclose(got.hidden, want.hidden, atol=1e-5, rtol=0)
+    if model == "tiny-sdxl":  # pooled at the end-of-text token, not at the added tokens
+        assert torch.allclose(got.pooled, want.pooled, atol=1e-5, rtol=0)
+    # Loading the vectors again (a checkpoint's) rewrites the rows instead of failing.
+    token_embedding.write_into(pipe, {k: v * 2 for k, v in saved.items()}, "sks")
+    with torch.no_grad():
+        again = family_of(pipe).encode_prompts(pipe, ["a sks toy"], torch.device("cpu"))
+    twice = _training_conditioning(model, {k: v * 2 for k, v in saved.items()}, "a sks toy")
+    assert torch.allclose(again.hidden, twice.hidden, atol=1e-5, rtol=0)
+
+
+def test_a_multi_vector_run_exports_for_diffusers_and_beside_a_lora(tmp_path, tiny_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    from sdatom.errors import UsageError
+
+    result = train(_config(tmp_path, steps=2, token_vectors=3), progress_bar=False)
+    want = _hidden(load_run_pipeline(result.output), "a sks toy")
+    # A merged folder: plain diffusers, the user's prompt unchanged.
+    export(result.output, merged=tmp_path / "merged", samples=0)
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        ids = plain.tokenizer(
+            plain.maybe_convert_prompt("a sks toy", plain.tokenizer),
+            padding="max_length",
+            max_length=plain.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        assert torch.allclose(plain.text_encoder(ids)[0], want, atol=1e-5, rtol=0)
+    # Beside a LoRA: the (3, width) file diffusers, A1111 and ComfyUI read as multi-vector.
+    export(result.output, lora=tmp_path / "out" / "l.safetensors", samples=0)
+    tiny_pipe.load_textual_inversion(str(tmp_path / "out" / "sks.safetensors"), token="<sks>")
+    assert torch.allclose(_hidden(tiny_pipe, "a <sks> toy"), want, atol=1e-5, rtol=0)
+    with pytest.raises(UsageError, match="3-vector token.*single-file"):
+        export(result.output, single_file=tmp_path / "one.safetensors")

@@ -178,6 +178,8 @@ class StableDiffusion(Family):
         return [pipe.tokenizer]
 
     def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> Conditioning:
+        # As the pipeline does: a multi-vector token expands into its tokens (token_embedding).
+        prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
         ids = tokenize(pipe.tokenizer, prompts, device)
         return Conditioning(pipe.text_encoder(ids)[0].float())
 

@@ -147,7 +147,9 @@ class StableDiffusionXL(Family):
     def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> Conditioning:
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers(pipe), self.text_encoders(pipe), strict=True):
-            out = encoder(tokenize(tokenizer, prompts, device), output_hidden_states=True)
+            # As the pipeline does: a multi-vector token expands (token_embedding.write_into).
+            converted = [pipe.maybe_convert_prompt(p, tokenizer) for p in prompts]
+            out = encoder(tokenize(tokenizer, converted, device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the second encoder's projected pooled output
         return Conditioning(torch.cat(hidden, dim=-1).float(), pooled.float())
