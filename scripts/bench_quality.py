@@ -178,12 +178,14 @@ def one_run(
     extra: dict | None = None,
     token: bool = True,
     captions: str = "default",
+    token_vectors: int = 1,
 ) -> dict:
     from sdatom.train import train
 
-    # Runs that train the token's embedding or use per-image captions are tagged: the cache
-    # keeps each kind apart.
-    variant = ("-token" if token else "") + ("-captions" if captions == "full" else "")
+    # Runs that train the token's embedding (with how many vectors) or use per-image captions
+    # are tagged: the cache keeps each kind apart.
+    vectors = f"{token_vectors}v" if token and token_vectors > 1 else ""
+    variant = ("-token" if token else "") + vectors + ("-captions" if captions == "full" else "")
     tag = f"{subject.name}/{name}{variant}-lr{lr:g}-s{seed}"
     result_file = out / "results" / f"{tag.replace('/', '__')}.json"
     if result_file.is_file():
@@ -203,6 +205,7 @@ def one_run(
         validation_every=0,
         checkpoint_every=0,
         train_token=token,
+        token_vectors=token_vectors,
         **options,
         **(extra or {}),
     )
@@ -211,7 +214,8 @@ def one_run(
         train(config, overwrite=True, progress_bar=False)
     summary = json.loads(summary_file.read_text())
     scores = score_run(run_dir, subject, n, backbones, (extra or {}).get("class_sample_steps", 30))
-    label = name + (" + token" if token else "") + (" + captions" if captions == "full" else "")
+    label = name + (" + token" if token else "") + (f" x{token_vectors}" if vectors else "")
+    label += " + captions" if captions == "full" else ""
     record = {
         "subject": subject.name,
         "method": label,
@@ -386,6 +390,12 @@ def main() -> None:
         help="train the token's embedding beside each method (on: sdatom's toy default)",
     )
     ap.add_argument(
+        "--token-vectors",
+        type=int,
+        default=None,
+        help="vectors in the trained token (default: sdatom's for --model toy)",
+    )
+    ap.add_argument(
         "--captions",
         choices=("default", "full"),
         default="default",
@@ -461,6 +471,7 @@ def main() -> None:
                                 extra,
                                 token,
                                 args.captions,
+                                args.token_vectors or TRAIN_DEFAULTS.get("token_vectors", 1),
                             )
                         )
     summary = summarise(records)

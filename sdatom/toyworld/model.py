@@ -107,11 +107,12 @@ CLIP_CONFIG: dict[str, Any] = {
 # far at 150 (fidelity 0.56 against 0.28).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "resolution": 32,
-    "steps": 300,
+    "steps": 450,
     "batch_size": 4,
     "lr": 1e-3,
     "train_token": True,
     "token_lr": 5e-3,
+    "token_vectors": 4,
     "prior": True,
     "num_class_images": 50,
     "class_sample_steps": 25,
