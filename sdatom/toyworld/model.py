@@ -104,7 +104,11 @@ CLIP_CONFIG: dict[str, Any] = {
 # (fidelity 0.00 at any lr, prior weight or caption tried); training the token's embedding
 # beside the atoms (`train_token`) draws it in 18 of 18 protocol images at 300 steps, drift
 # 0.00, world knowledge unchanged. Token lr 5e-3: as good as 1e-3 at 300 steps and twice as
-# far at 150 (fidelity 0.56 against 0.28).
+# far at 150 (fidelity 0.56 against 0.28). One vector settles the checkered subjects on a look
+# pretraining showed (white-and-cyan checks: the checkered cross 0.00 at 300 and 600 steps);
+# four vectors (`token_vectors`) draw it (0.72 at 300, 0.78 at 450; checkered square 0.06 ->
+# 0.78, triangle 0.11 -> 0.67 at 450), eight no better (0.44-0.50), and past 450 steps the
+# token starts to carry the shape too (cross 0.17 at 600): `scripts/probe_toy.py run`.
 TRAIN_DEFAULTS: dict[str, Any] = {
     "resolution": 32,
     "steps": 450,
