@@ -153,15 +153,20 @@ def test_bench_quality_smoke(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout[out.stdout.index("{\n") :])
-    entry = summary["table"]["atoms + token"]  # the toy default trains the token's embedding
+    from safetensors.torch import load_file
+
+    from sdatom.toyworld.model import TRAIN_DEFAULTS
+
+    vectors = TRAIN_DEFAULTS["token_vectors"]  # the toy default trains the token's embedding
+    entry = summary["table"][f"atoms + token x{vectors}"]
     (rec,) = entry.values()
     assert rec["n_runs"] == 1 and rec["trainable_params"] > 0
     for key in ("oracle_fidelity", "oracle_alignment", "oracle_drift", "clip_t", "clip_i"):
         assert 0.0 <= rec[key][0] <= 1.0 or key.startswith("clip")
     (cache,) = tmp_path.glob("toy-*")  # one cache folder, named by the toy model's weights
     assert (cache / "results").is_dir()
-    (run,) = cache.glob("runs/*/atoms-token-lr*-s0")  # tagged apart from runs without it
-    assert (run / "token_embedding.safetensors").is_file()
+    (run,) = cache.glob(f"runs/*/atoms-token{vectors}v-lr*-s0")  # tagged apart from others
+    assert load_file(run / "token_embedding.safetensors")["emb_params"].shape[0] == vectors
 
 
 def test_eval_of_a_toy_run_adds_the_oracle_and_names_the_toy_backbones(tmp_path):
