@@ -536,6 +536,7 @@ def _write_summary(plan: RunPlan, **measured: Any) -> dict[str, Any]:
         **measured,
         "token": c.token,
         "train_token": c.train_token,
+        "token_vectors": c.token_vectors if c.train_token else None,
         "class_name": c.class_name,
         "subject": str(c.subject),
         "mixed_precision": c.mixed_precision,

@@ -226,6 +226,7 @@ def test_a_multi_vector_run_loads_with_the_conditioning_it_trained_on(tmp_path, 
     result = train(_config(tmp_path, model=model, steps=2, token_vectors=3), progress_bar=False)
     saved = load_file(result.output / token_embedding.EMBEDDING_FILE)
     assert {tuple(v.shape)[0] for v in saved.values()} == {3}
+    assert result.summary["token_vectors"] == 3
     pipe = load_run_pipeline(result.output)
     # diffusers' multi-vector loading: the pipeline expands the token in every prompt.
     assert pipe.maybe_convert_prompt("a sks toy", pipe.tokenizer) == "a sks sks_1 sks_2 toy"
