@@ -186,7 +186,11 @@ def one_run(
     # are tagged: the cache keeps each kind apart.
     vectors = f"{token_vectors}v" if token and token_vectors > 1 else ""
     variant = ("-token" if token else "") + vectors + ("-captions" if captions == "full" else "")
-    tag = f"{subject.name}/{name}{variant}-lr{lr:g}-s{seed}"
+    from sdatom.toyworld.model import TRAIN_DEFAULTS
+
+    # Steps and images per prompt are in the tag too, so a changed default never reuses a run.
+    run_steps = TRAIN_DEFAULTS["steps"] if steps is None else steps
+    tag = f"{subject.name}/{name}{variant}-lr{lr:g}-s{seed}-st{run_steps}-n{n}"
     result_file = out / "results" / f"{tag.replace('/', '__')}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())

@@ -10,9 +10,17 @@ RUN=${RUN:-runs/demo}
 SUBJECT=${SUBJECT:-data/toyworld/pink-cyan-striped-square}
 SDATOM="$BIN/sdatom"
 
-"$SDATOM" train --model toy --subject "$SUBJECT" --class-name square --output "$RUN" --overwrite
-"$SDATOM" sample --run "$RUN" --protocol -n 4 --output "$RUN/samples/protocol"
-"$SDATOM" sample --run "$RUN" --protocol -n 4 --base --output "$RUN/samples/protocol-base"
+# Training is one process: give it two of the cores when there are two (torch on one thread per
+# process otherwise, as the Makefile sets). The two samplings are independent: one core each.
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone obeys OMP_NUM_THREADS=1
+THREADS=$(( CORES >= 2 ? 2 : 1 ))
+OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
+  "$SDATOM" train --model toy --subject "$SUBJECT" --class-name square --output "$RUN" --overwrite
+"$SDATOM" sample --run "$RUN" --protocol -n 2 --batch-size 4 --base \
+  --output "$RUN/samples/protocol-base" > "$RUN/sample-base.log" 2>&1 &
+base=$!
+"$SDATOM" sample --run "$RUN" --protocol -n 2 --batch-size 4 --output "$RUN/samples/protocol"
+wait "$base"
 "$SDATOM" eval --run "$RUN"
 "$BIN/python" scripts/demo_figure.py "$RUN" "$RUN/demo.png"
 echo

@@ -35,7 +35,8 @@ def main(run: Path, out: Path) -> None:
     cell = 32 * SCALE
     per_row = max(len(v) for v in rows.values())
     label_h = 14
-    width = PAD + 2 * per_row * (cell + PAD) + PAD
+    columns = max(2 * per_row, len(subject))  # the photos' row can be the widest
+    width = PAD + columns * (cell + PAD) + PAD
     height = PAD + (label_h + cell + PAD) * (len(rows) + 1)
     sheet = Image.new("RGB", (width + 2 * PAD, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)

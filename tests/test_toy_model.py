@@ -165,7 +165,7 @@ def test_bench_quality_smoke(tmp_path):
         assert 0.0 <= rec[key][0] <= 1.0 or key.startswith("clip")
     (cache,) = tmp_path.glob("toy-*")  # one cache folder, named by the toy model's weights
     assert (cache / "results").is_dir()
-    (run,) = cache.glob(f"runs/*/atoms-token{vectors}v-lr*-s0")  # tagged apart from others
+    (run,) = cache.glob(f"runs/*/atoms-token{vectors}v-lr*-s0-st2-n1")  # tagged apart from others
     assert load_file(run / "token_embedding.safetensors")["emb_params"].shape[0] == vectors
 
 
