@@ -20,7 +20,7 @@ OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
   --output "$RUN/samples/protocol-base" > "$RUN/sample-base.log" 2>&1 &
 base=$!
 "$SDATOM" sample --run "$RUN" --protocol -n 2 --batch-size 4 --output "$RUN/samples/protocol"
-wait "$base"
+wait "$base" || { cat "$RUN/sample-base.log" >&2; exit 1; }
 "$SDATOM" eval --run "$RUN"
 "$BIN/python" scripts/demo_figure.py "$RUN" "$RUN/demo.png"
 echo
