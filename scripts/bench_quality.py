@@ -172,7 +172,7 @@ def one_run(
     name: str,
     lr: float,
     seed: int,
-    steps: int | None,
+    steps: int,
     n: int,
     backbones,
     extra: dict | None = None,
@@ -186,11 +186,8 @@ def one_run(
     # are tagged: the cache keeps each kind apart.
     vectors = f"{token_vectors}v" if token and token_vectors > 1 else ""
     variant = ("-token" if token else "") + vectors + ("-captions" if captions == "full" else "")
-    from sdatom.toyworld.model import TRAIN_DEFAULTS
-
     # Steps and images per prompt are in the tag too, so a changed default never reuses a run.
-    run_steps = TRAIN_DEFAULTS["steps"] if steps is None else steps
-    tag = f"{subject.name}/{name}{variant}-lr{lr:g}-s{seed}-st{run_steps}-n{n}"
+    tag = f"{subject.name}/{name}{variant}-lr{lr:g}-s{seed}-st{steps}-n{n}"
     result_file = out / "results" / f"{tag.replace('/', '__')}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -453,6 +450,7 @@ def main() -> None:
         picks = [s for s in picks if s.name in args.only]
     from sdatom.toyworld.model import TRAIN_DEFAULTS
 
+    steps = TRAIN_DEFAULTS["steps"] if args.steps is None else args.steps
     records = []
     for subject in picks:
         for name in args.methods:
@@ -469,7 +467,7 @@ def main() -> None:
                                 name,
                                 lr,
                                 seed,
-                                args.steps,
+                                steps,
                                 args.n,
                                 backbones,
                                 extra,
