@@ -11,6 +11,8 @@ objects (which part of a two-tone look fails: shape, the colour pair or the text
 two subjects' looks named in words (can the base model draw them at all). ``run`` trains one
 method on one subject with sdatom's toy defaults plus the options given, then scores the toy
 protocol with the oracle at every checkpoint (one training run gives the curve over steps).
+``curve`` summarises the runs in ``--out``: mean fidelity per step, and with one checkpoint per
+subject picked by the oracle (what early stopping could reach at best) or by the toy CLIP-I.
 ``--captions full`` writes per-image captions that name the position and background of each
 instance picture (``a photo of sks square on the left on a yellow background``). Every result
 is printed and appended to ``OUT/probe.jsonl``. Deterministic: the same command gives the same
@@ -143,17 +145,22 @@ def subject_folder(folder: Path, s: subjects.ToySubject, captions: str) -> Path:
 
 
 def probe_run(out: Path, a: argparse.Namespace) -> None:
+    from PIL import Image
     from safetensors.torch import load_file
 
     from sdatom.config import build_config
     from sdatom.data import instance_prompt
+    from sdatom.eval.metrics import clip_image_embeddings, clip_text_embeddings
+    from sdatom.prompts import strip_token
     from sdatom.runs import load_run_pipeline
     from sdatom.token_embedding import split_checkpoint, write_into
+    from sdatom.toyworld.backbones import toy_backbones
     from sdatom.train import train
 
     root = out / a.tag
     s = subjects.subject(a.subject)
     options = {"method": a.method}
+    folder = subject_folder(root / "subject", s, a.captions)
     keys = ("preset", "prior_loss_weight", "num_class_images", "train_token", "token_lr")
     for key in (*keys, "token_vectors"):
         if getattr(a, key) is not None:
@@ -161,7 +168,7 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     config = build_config(
         None,
         model="toy",
-        subject=str(subject_folder(root / "subject", s, a.captions)),
+        subject=str(folder),
         class_name=s.class_name,
         output=str(root / "run"),
         lr=a.lr,
@@ -182,6 +189,11 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     # The training caption itself: fidelity there tells under-fitting (the subject is not drawn
     # even where it was trained) from a failure to carry it into new contexts.
     trained = [instance_prompt("sks", s.class_name)] * 8
+    # CLIP-I / CLIP-T by the toy CLIP on the subject prompts: what a user without an oracle
+    # could read off each checkpoint (does picking the checkpoint by them pick the best one?).
+    backbones = toy_backbones("cpu")
+    photos = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+    reference = clip_image_embeddings(backbones, photos)
     for ckpt in sorted((root / "run" / "checkpoints").glob("step-*")):
         state = json.loads((ckpt / "state.json").read_text())
         # The finished run, unmerged (a multi-vector token is loaded once per pipeline); the
@@ -201,6 +213,11 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
                 tensors[k].copy_(v)
         images = quality.sample_images(pipe, prompts, seed=0, steps=30, guidance=7.5)
         overall, rows = quality.oracle_metrics(s, prompts, images, "sks")
+        idx = [i for i, r in enumerate(rows) if r["role"] == "subject"]
+        generated = clip_image_embeddings(backbones, [images[i] for i in idx])
+        texts = clip_text_embeddings(backbones, [strip_token(prompts[i], "sks") for i in idx])
+        overall["clip_i"] = float((generated @ reference.T).mean())
+        overall["clip_t"] = float((generated * texts).sum(-1).mean())
         fit = quality.sample_images(pipe, trained, seed=500, steps=30, guidance=7.5)
         overall["fidelity_trained_prompt"] = quality.oracle_metrics(s, trained, fit, "sks")[0][
             "oracle_fidelity"
@@ -227,6 +244,46 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
         )
 
 
+def curve_summary(records: list[dict]) -> dict:
+    """Fidelity over training steps from ``run`` records (one run per subject, scored at every
+    checkpoint): the mean per step over the subjects scored at every step, and the mean when
+    each subject keeps one checkpoint, picked by the oracle's fidelity (the best any early
+    stopping could do) or by what a user can read without an oracle (the toy CLIP-I)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for r in records:
+        runs.setdefault(r["subject"], {})[r["step"]] = r
+    steps = sorted(set.intersection(*(set(by_step) for by_step in runs.values())))
+
+    def mean(values) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    keys = ("oracle_fidelity", "oracle_alignment_position", "oracle_world", "clip_i")
+    per_step = {t: {k: mean(run[t][k] for run in runs.values()) for k in keys} for t in steps}
+    picks = {
+        name: mean(max((r[t] for t in steps), key=key)["oracle_fidelity"] for r in runs.values())
+        for name, key in (
+            ("oracle", lambda r: r["oracle_fidelity"]),
+            ("clip_i", lambda r: r["clip_i"]),
+        )
+    }
+    return {"subjects": len(runs), "steps": steps, "per_step": per_step, "picked": picks}
+
+
+def print_curve(out: Path) -> None:
+    records = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
+    summary = curve_summary([r for r in records if "step" in r])
+    print(f"{summary['subjects']} subjects")
+    print("step  fidelity  position  world  CLIP-I")
+    for t, m in summary["per_step"].items():
+        print(
+            f"{t:4d}  {m['oracle_fidelity']:8.2f}  {m['oracle_alignment_position']:8.2f}"
+            f"  {m['oracle_world']:5.2f}  {m['clip_i']:6.3f}"
+        )
+    for name, value in summary["picked"].items():
+        print(f"one checkpoint per subject, picked by {name}: fidelity {value:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/probe-toy")
@@ -240,6 +297,7 @@ def main() -> None:
         default=["pink-cyan-striped-square", "pink-cyan-checkered-circle"],
         help="subjects whose look is asked for in words ('all': every toy subject)",
     )
+    sub.add_parser("curve", help="summarise the runs in --out: fidelity over steps")
     r = sub.add_parser("run", help="train one method on one subject; score every checkpoint")
     r.add_argument("--tag", required=True, help="folder name under --out")
     r.add_argument("--subject", default="pink-cyan-striped-square")
@@ -262,6 +320,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if a.what == "text":
         probe_text(out)
+    elif a.what == "curve":
+        print_curve(out)
     else:
         if a.what == "base":
             names = [s.name for s in subjects.SUBJECTS] if a.subjects == ["all"] else a.subjects

@@ -192,3 +192,30 @@ def test_probe_captions_name_each_instance_pictures_place(tmp_path):
         assert (asked.background, asked.position) == (seen.background, seen.position)
     plain = probe.subject_folder(tmp_path / "plain", s, "default")
     assert not list(plain.glob("*.txt"))
+
+
+def test_probe_curve_summary_means_steps_and_picks_one_checkpoint_per_subject():
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "probe_toy.py"
+    spec = importlib.util.spec_from_file_location("probe_toy", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+
+    def record(subject, step, fidelity, clip_i):
+        scores = {"oracle_alignment_position": 1.0, "oracle_world": 0.9, "clip_i": clip_i}
+        return {"subject": subject, "step": step, "oracle_fidelity": fidelity, **scores}
+
+    records = [
+        record("a", 150, 0.2, 0.5),
+        record("a", 300, 0.8, 0.4),
+        record("b", 150, 0.6, 0.7),
+        record("b", 300, 0.4, 0.6),
+        record("b", 450, 1.0, 0.9),  # b alone reached 450: not a common step
+    ]
+    summary = probe.curve_summary(records)
+    assert summary["steps"] == [150, 300]
+    assert summary["per_step"][150]["oracle_fidelity"] == pytest.approx(0.4)
+    assert summary["per_step"][300]["oracle_fidelity"] == pytest.approx(0.6)
+    assert summary["picked"]["oracle"] == pytest.approx((0.8 + 0.6) / 2)
+    assert summary["picked"]["clip_i"] == pytest.approx((0.2 + 0.6) / 2)
