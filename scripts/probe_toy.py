@@ -11,6 +11,7 @@ objects (which part of a two-tone look fails: shape, the colour pair or the text
 two subjects' looks named in words (can the base model draw them at all). ``run`` trains one
 method on one subject with sdatom's toy defaults plus the options given, then scores the toy
 protocol with the oracle at every checkpoint (one training run gives the curve over steps).
+``vae`` reads each subject's photos after the toy VAE's round trip.
 ``curve`` summarises the runs in ``--out``: mean fidelity per step, and with one checkpoint per
 subject picked by the oracle (what early stopping could reach at best) or by the toy CLIP-I.
 ``--captions full`` writes per-image captions that name the position and background of each
@@ -244,6 +245,28 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
         )
 
 
+def probe_vae(out: Path) -> None:
+    """Each subject's instance photos through the toy VAE and back: can the latent space hold
+    the subject's look at all? (The oracle reads the reconstructions.)"""
+    import numpy as np
+    from PIL import Image
+
+    from sdatom.models import load_pipeline
+
+    vae = load_pipeline("toy", device="cpu").vae
+    for s in subjects.SUBJECTS:
+        photos = [np.asarray(world.draw(o)) for o in s.objects()]
+        x = torch.tensor(np.stack(photos)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        reads = [oracle.read(Image.fromarray(a)) for a in y]
+        look = (s.shape, s.texture, tuple(s.colors))
+        wrong = [r.appearance for r in reads if (r.shape, r.texture, r.colors) != look]
+        right = len(reads) - len(wrong)
+        emit(out, {"vae": s.name, "right": right, "of": len(reads), "wrong": wrong})
+
+
 def curve_summary(records: list[dict]) -> dict:
     """Fidelity over training steps from ``run`` records (one run per subject, scored at every
     checkpoint): the mean per step over the subjects scored at every step, and the mean when
@@ -297,6 +320,7 @@ def main() -> None:
         default=["pink-cyan-striped-square", "pink-cyan-checkered-circle"],
         help="subjects whose look is asked for in words ('all': every toy subject)",
     )
+    sub.add_parser("vae", help="the subjects' photos through the toy VAE, read by the oracle")
     sub.add_parser("curve", help="summarise the runs in --out: fidelity over steps")
     r = sub.add_parser("run", help="train one method on one subject; score every checkpoint")
     r.add_argument("--tag", required=True, help="folder name under --out")
@@ -320,6 +344,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if a.what == "text":
         probe_text(out)
+    elif a.what == "vae":
+        probe_vae(out)
     elif a.what == "curve":
         print_curve(out)
     else:
