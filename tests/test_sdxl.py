@@ -305,8 +305,16 @@ def test_sdxl_two_processes_match_one_process_with_twice_the_batch(tmp_path, xl_
     assert summary["processes"] == 2
     a, b = load_file(str(one.adapter)), load_file(str(tmp_path / "two" / "adapter.safetensors"))
     assert a.keys() == b.keys()
+    # Averaging over two processes sums in another order than one batch of two: fp32 noise in
+    # the gradient. Adam divides by the gradient's size, so where an element's gradient is
+    # itself at noise level the noise can move it by up to 2 * lr per step (a sign flip). Every
+    # element stays within that bound, and all but a few (<= 1 %) agree to 1e-5: a run whose
+    # processes did not average would differ in most elements.
+    bound = 2 * common["lr"] * common["steps"]
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+        diff = (a[k].float() - b[k].float()).abs()
+        assert diff.max() <= bound, (k, diff.max())
+        assert (diff > 1e-5).float().mean() <= 0.01, (k, (diff > 1e-5).sum(), diff.numel())
     assert any(v.abs().max() > 1e-4 for k, v in a.items() if "d0" not in k)
 
 
