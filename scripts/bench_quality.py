@@ -78,8 +78,7 @@ def score_run(
     run_dir: Path, subject: subjects.ToySubject, n: int, backbones, sample_steps: int = 30
 ) -> dict:
     """Sample the protocol and world prompts of a trained run and score them."""
-    from sdatom.eval.metrics import clip_image_embeddings, clip_text_embeddings
-    from sdatom.prompts import strip_token
+    from sdatom.eval.metrics import clip_i, clip_t
     from sdatom.runs import load_run_pipeline
 
     pipe = load_run_pipeline(run_dir, device="cpu")
@@ -90,11 +89,9 @@ def score_run(
     overall, rows = quality.oracle_metrics(subject, prompts, images, "sks")
     # CLIP-T / CLIP-I with the toy CLIP, on the subject prompts only.
     idx = [i for i, r in enumerate(rows) if r["role"] == "subject"]
-    gen = clip_image_embeddings(backbones, [images[i] for i in idx])
-    texts = clip_text_embeddings(backbones, [strip_token(prompts[i], "sks") for i in idx])
-    ref = clip_image_embeddings(backbones, subject_images(subject))
-    overall["clip_t"] = float((gen * texts).sum(-1).mean())
-    overall["clip_i"] = float((gen @ ref.T).mean())
+    generated = [images[i] for i in idx]
+    overall["clip_t"] = statistics.fmean(clip_t(backbones, generated, [prompts[i] for i in idx]))
+    overall["clip_i"] = clip_i(backbones, generated, subject_images(subject))
     return overall
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -151,8 +152,7 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
 
     from sdatom.config import build_config
     from sdatom.data import instance_prompt
-    from sdatom.eval.metrics import clip_image_embeddings, clip_text_embeddings
-    from sdatom.prompts import strip_token
+    from sdatom.eval.metrics import clip_i, clip_t
     from sdatom.runs import load_run_pipeline
     from sdatom.token_embedding import split_checkpoint, write_into
     from sdatom.toyworld.backbones import toy_backbones
@@ -194,7 +194,6 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
     # could read off each checkpoint (does picking the checkpoint by them pick the best one?).
     backbones = toy_backbones("cpu")
     photos = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
-    reference = clip_image_embeddings(backbones, photos)
     for ckpt in sorted((root / "run" / "checkpoints").glob("step-*")):
         state = json.loads((ckpt / "state.json").read_text())
         # The finished run, unmerged (a multi-vector token is loaded once per pipeline); the
@@ -215,10 +214,9 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
         images = quality.sample_images(pipe, prompts, seed=0, steps=30, guidance=7.5)
         overall, rows = quality.oracle_metrics(s, prompts, images, "sks")
         idx = [i for i, r in enumerate(rows) if r["role"] == "subject"]
-        generated = clip_image_embeddings(backbones, [images[i] for i in idx])
-        texts = clip_text_embeddings(backbones, [strip_token(prompts[i], "sks") for i in idx])
-        overall["clip_i"] = float((generated @ reference.T).mean())
-        overall["clip_t"] = float((generated * texts).sum(-1).mean())
+        generated, asked = [images[i] for i in idx], [prompts[i] for i in idx]
+        overall["clip_i"] = clip_i(backbones, generated, photos)
+        overall["clip_t"] = statistics.fmean(clip_t(backbones, generated, asked))
         fit = quality.sample_images(pipe, trained, seed=500, steps=30, guidance=7.5)
         overall["fidelity_trained_prompt"] = quality.oracle_metrics(s, trained, fit, "sks")[0][
             "oracle_fidelity"
@@ -277,10 +275,7 @@ def curve_summary(records: list[dict]) -> dict:
         runs.setdefault(r["subject"], {})[r["step"]] = r
     steps = sorted(set.intersection(*(set(by_step) for by_step in runs.values())))
 
-    def mean(values) -> float:
-        values = list(values)
-        return sum(values) / len(values)
-
+    mean = statistics.fmean
     keys = ("oracle_fidelity", "oracle_alignment_position", "oracle_world", "clip_i")
     per_step = {t: {k: mean(run[t][k] for run in runs.values()) for k in keys} for t in steps}
     picks = {

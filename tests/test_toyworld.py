@@ -172,15 +172,21 @@ def test_gini_simpson_diversity():
     assert quality.gini_simpson(["a", "b"]) == pytest.approx(0.5)
 
 
-def test_probe_captions_name_each_instance_pictures_place(tmp_path):
+def _probe_toy():
+    """scripts/probe_toy.py as a module."""
     import importlib.util
-
-    from sdatom.data import caption_for
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "probe_toy.py"
     spec = importlib.util.spec_from_file_location("probe_toy", script)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
+    return probe
+
+
+def test_probe_captions_name_each_instance_pictures_place(tmp_path):
+    from sdatom.data import caption_for
+
+    probe = _probe_toy()
     s = subjects.subject("pink-cyan-striped-square")
     folder = probe.subject_folder(tmp_path / "full", s, "full")
     pictures = sorted(folder.glob("*.png"))
@@ -195,12 +201,7 @@ def test_probe_captions_name_each_instance_pictures_place(tmp_path):
 
 
 def test_probe_curve_summary_means_steps_and_picks_one_checkpoint_per_subject():
-    import importlib.util
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "probe_toy.py"
-    spec = importlib.util.spec_from_file_location("probe_toy", script)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _probe_toy()
 
     def record(subject, step, fidelity, clip_i):
         scores = {"oracle_alignment_position": 1.0, "oracle_world": 0.9, "clip_i": clip_i}
