@@ -366,6 +366,21 @@ def plot(path: Path, summary: dict) -> None:
     fig.savefig(path)
 
 
+def _lrs_arg(text: str) -> str | tuple[float, ...]:
+    """`--lrs`: `default`, `all`, or a comma-separated list of learning rates."""
+    if text in ("default", "all"):
+        return text
+    try:
+        lrs = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give default, all, or learning rates such as 1e-3,3e-3"
+        ) from None
+    if any(lr <= 0 for lr in lrs):
+        raise argparse.ArgumentTypeError(f"{text!r}: learning rates must be positive")
+    return lrs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
@@ -377,7 +392,12 @@ def main() -> None:
         "--only", nargs="*", default=None, help="of those, only these subjects (by name)"
     )
     ap.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
-    ap.add_argument("--lrs", choices=("default", "all"), default=None)
+    ap.add_argument(
+        "--lrs",
+        type=_lrs_arg,
+        default=None,
+        help="default (each method's), all (its three), or learning rates: 1e-3,3e-3",
+    )
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="default: sdatom's for --model toy")
     ap.add_argument("-n", type=int, default=None, help="images per protocol prompt")
@@ -451,9 +471,14 @@ def main() -> None:
     records = []
     for subject in picks:
         for name in args.methods:
-            lrs = METHODS[name][1] if args.lrs == "all" else (METHODS[name][1][1],)
-            if name.startswith("atoms-attn") and args.lrs != "all":
+            if isinstance(args.lrs, tuple):
+                lrs = args.lrs
+            elif args.lrs == "all":
+                lrs = METHODS[name][1]
+            elif name.startswith("atoms-attn"):
                 lrs = (TRAIN_DEFAULTS["lr"],)
+            else:
+                lrs = (METHODS[name][1][1],)
             for lr in lrs:
                 for seed in range(args.seeds):
                     for token in TOKEN_CHOICES[args.token]:

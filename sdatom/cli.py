@@ -171,6 +171,9 @@ def train(
     class_sample_steps: Annotated[
         int | None, _field_option("class_sample_steps", "--class-sample-steps")
     ] = None,
+    class_batch_size: Annotated[
+        int | None, _field_option("class_batch_size", "--class-batch-size")
+    ] = None,
     prior_loss_weight: Annotated[
         float | None, _field_option("prior_loss_weight", "--prior-loss-weight")
     ] = None,
@@ -249,6 +252,7 @@ def train(
         prior=prior,
         class_dir=class_dir,
         num_class_images=num_class_images,
+        class_batch_size=class_batch_size,
         class_sample_steps=class_sample_steps,
         prior_loss_weight=prior_loss_weight,
         center_crop=center_crop,

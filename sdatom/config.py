@@ -86,6 +86,7 @@ class TrainConfig:
     class_sample_steps: int | None = _field(
         None, "Denoising steps for generated class images. Default: 30, 4 for tiny."
     )
+    class_batch_size: int = _field(4, "Class images generated together, per process.")
     # Optimisation
     steps: int = _field(400, "Optimizer steps.")
     batch_size: int = _field(1, "Instance images per process and step.")
@@ -223,6 +224,7 @@ def _validate(c: TrainConfig) -> None:
         "lora_rank",
         "validation_images",
         "token_vectors",
+        "class_batch_size",
     )
     for name in positive:
         if getattr(c, name) <= 0:

@@ -662,3 +662,49 @@ def test_weights_fingerprint_changes_when_a_local_model_is_retrained(tmp_path):
     (unet / "diffusion_pytorch_model.safetensors").write_bytes(b"b" * 5000)
     assert weights_fingerprint(str(tmp_path / "model")) != first
     assert weights_fingerprint("some/hub-id") is None and weights_fingerprint("tiny") is None
+
+
+def test_class_images_in_batches_draw_what_single_images_do(tiny_pipe, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sdatom.data import class_images
+
+    tiny_pipe.set_progress_bar_config(disable=True)
+    accelerator = SimpleNamespace(
+        process_index=0,
+        num_processes=1,
+        device=torch.device("cpu"),
+        mixed_precision="no",
+        is_local_main_process=True,
+        wait_for_everyone=lambda: None,
+    )
+    config = SimpleNamespace(
+        prior=True,
+        class_dir=None,
+        class_name="dog",
+        model="tiny",
+        num_class_images=5,
+        resolution=32,
+        class_sample_steps=2,
+        class_batch_size=1,
+    )
+
+    def pixels(paths):
+        return [np.asarray(Image.open(p), dtype=np.int16) for p in paths]
+
+    monkeypatch.setenv("SDATOM_CACHE", str(tmp_path / "single"))
+    single = pixels(class_images(config, tiny_pipe, accelerator, progress=False))
+    monkeypatch.setenv("SDATOM_CACHE", str(tmp_path / "batched"))
+    config.class_batch_size = 2
+    paths = class_images(config, tiny_pipe, accelerator, progress=False)
+    assert len(paths) == 5
+    # Each image keeps its own seed: batching may move a pixel by one level of 255, no more.
+    for a, b in zip(single, pixels(paths), strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    assert len({a.tobytes() for a in single}) == 5  # the seeds differ, so do the images
+    # A cache with holes is topped up, the images already there are kept.
+    kept = paths[0].stat().st_mtime_ns
+    paths[3].unlink()
+    again = class_images(config, tiny_pipe, accelerator, progress=False)
+    assert again == paths and paths[0].stat().st_mtime_ns == kept
+    assert np.abs(pixels([paths[3]])[0] - single[3]).max() <= 1

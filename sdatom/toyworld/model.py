@@ -122,6 +122,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "prior": True,
     "num_class_images": 50,
     "class_sample_steps": 25,
+    "class_batch_size": 8,
     "prior_loss_weight": 1.0,
     "checkpoint_every": 100,
     "validation_steps": 25,
