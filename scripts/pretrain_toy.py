@@ -25,13 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from bench_common import write_report_section
-from PIL import Image
 
 from sdatom.fileio import atomic_path, atomic_write_text
 from sdatom.toyworld import model as toy
 from sdatom.toyworld import world
 from sdatom.toyworld.attrnet import AttrNet, attribute_targets, attrnet_loss
-from sdatom.toyworld.quality import base_model_report
+from sdatom.toyworld.quality import base_model_report, to_tensor, vae_round_trip
 
 # ``unet-zsnr`` continues ``unet``: from its EMA weights, on the shipped zero-terminal-SNR
 # v-prediction schedule (toy.SCHEDULER; why: its comment), with more two-tone objects.
@@ -78,11 +77,6 @@ def lr_at(stage: str, step: int) -> float:
 
 def batch_seed(stage: str, step: int) -> int:
     return STAGE_SEED[stage] * 10_000_000 + step
-
-
-def to_tensor(images) -> torch.Tensor:
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------- state
@@ -558,14 +552,8 @@ def evaluate_shipped(n: int) -> dict:
     # VAE: reconstructions of fresh pictures, held-in and held-out (the subjects' looks).
     rng = random.Random(4242)
     objs = [world.sample_object(rng, allow_held_out=True) for _ in range(500)]
-    x = to_tensor([world.draw(o) for o in objs])
-    vae = pipe.vae
-    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    mse = ((rec - x) ** 2).mean((1, 2, 3))
-    psnr = (10 * torch.log10(4.0 / mse)).mean().item()
-    images = [
-        Image.fromarray(((r.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for r in rec
-    ]
+    images, psnrs = vae_round_trip(pipe.vae, [world.draw(o) for o in objs])
+    psnr = float(np.mean(psnrs))
     right = np.mean(
         [all(oracle.read(im).matches(o).values()) for im, o in zip(images, objs, strict=False)]
     )

@@ -246,19 +246,12 @@ def probe_run(out: Path, a: argparse.Namespace) -> None:
 def probe_vae(out: Path) -> None:
     """Each subject's instance photos through the toy VAE and back: can the latent space hold
     the subject's look at all? (The oracle reads the reconstructions.)"""
-    import numpy as np
-    from PIL import Image
-
     from sdatom.models import load_pipeline
 
     vae = load_pipeline("toy", device="cpu").vae
     for s in subjects.SUBJECTS:
-        photos = [np.asarray(world.draw(o)) for o in s.objects()]
-        x = torch.tensor(np.stack(photos)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        reads = [oracle.read(Image.fromarray(a)) for a in y]
+        reconstructions, _ = quality.vae_round_trip(vae, [world.draw(o) for o in s.objects()])
+        reads = [oracle.read(im) for im in reconstructions]
         look = (s.shape, s.texture, tuple(s.colors))
         wrong = [r.appearance for r in reads if (r.shape, r.texture, r.colors) != look]
         right = len(reads) - len(wrong)

@@ -13,6 +13,28 @@ from PIL import Image
 from sdatom.toyworld import oracle, world
 
 
+def to_tensor(images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+    """RGB pictures as one float batch in [-1, 1], NCHW: what the toy VAE and nets read."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """A batch in [-1, 1], NCHW, as RGB pictures (clamped and rounded): to_tensor's inverse."""
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[float]]:
+    """Pictures encoded by ``vae`` (the latent mean) and decoded: the reconstructions, and the
+    PSNR of each in dB (on the unrounded decoder output)."""
+    x = to_tensor(images)
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    psnr = 10 * torch.log10(4.0 / ((rec - x) ** 2).mean((1, 2, 3)))
+    return to_images(rec), psnr.tolist()
+
+
 @torch.no_grad()
 def sample_images(
     pipe, prompts: Sequence[str], *, seed: int, steps: int, guidance: float, batch: int = 50
