@@ -256,3 +256,18 @@ def test_bench_captioned_subjects_say_what_each_picture_shows(tmp_path, monkeypa
             f"{seen.background} background"
         )
     assert bench_quality.subject_folder(tmp_path, SUBJECT, "default") == SUBJECT_DIR
+
+
+def test_bench_quality_lrs_takes_named_grids_or_explicit_rates(monkeypatch):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_quality
+
+    assert bench_quality._lrs_arg("all") == "all"
+    assert bench_quality._lrs_arg("1e-3,3e-3") == (1e-3, 3e-3)
+    # One spelling of the toy default is the cached run's: 1e-3 and 0.001 are the same float.
+    assert bench_quality._lrs_arg("0.001") == (TRAIN_DEFAULTS["lr"],)
+    for bad in ("fast", "1e-3,x", "0", "-1e-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--lrs|learning rates"):
+            bench_quality._lrs_arg(bad)
