@@ -110,7 +110,9 @@ CLIP_CONFIG: dict[str, Any] = {
 # 0.78, triangle 0.11 -> 0.67 at 450), eight no better (0.44-0.50), and past 450 steps the
 # token starts to carry the shape too (cross 0.17 at 600): `scripts/probe_toy.py run`. Over all
 # eleven toy subjects (QUALITY.md, "Fidelity over training steps"): fidelity 0.57 / 0.67 / 0.66 /
-# 0.52 at 150 / 300 / 450 / 600 steps, position best at 450 (0.95).
+# 0.52 at 150 / 300 / 450 / 600 steps, position best at 450 (0.95). Atoms lr 1e-3: 3e-4 ties
+# over the eleven (0.66 against 0.65, paired +0.01 +- 0.11) and is worse on position and on
+# the checkered subjects; 3e-3 was worse on the two subjects tried (QUALITY.md).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "resolution": 32,
     "steps": 450,
