@@ -114,7 +114,7 @@ CLIP_CONFIG: dict[str, Any] = {
 # over the eleven (0.66 against 0.65, paired +0.01 +- 0.11) and is worse on position and on
 # the checkered subjects; 3e-3 was worse on the two subjects tried (QUALITY.md). These were
 # measured with the first VAE decoder; with the fine-tuned one (`vae-decoder`) the same
-# defaults give 0.71 over two seeds (0.61 before); the steps and lr were not re-swept.
+# defaults give 0.67 over three seeds (0.71 over two, 0.61 before); steps and lr not re-swept.
 TRAIN_DEFAULTS: dict[str, Any] = {
     "resolution": 32,
     "steps": 450,
