@@ -55,7 +55,23 @@ METHODS: dict[str, tuple[dict, tuple[float, ...]]] = {
 QUICK_METHODS = ("atoms-attn", "atoms", "lora-attn", "full")
 TOKEN_CHOICES = {"on": (True,), "off": (False,), "both": (True, False)}
 WORLD_PROMPTS = 16
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+# Student's t 97.5 % quantiles for few degrees of freedom; more use t95's expansion.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t95(df: int) -> float:
+    """The t quantile of a two-sided 95 % interval with ``df`` degrees of freedom: the table
+    above, then the Cornish-Fisher expansion around the normal's 1.96 (within 0.001 from df 10,
+    where the normal alone would make an eleven-run interval 12 % too narrow)."""
+    if df in T95:
+        return T95[df]
+    z, v = 1.959964, float(df)
+    return (
+        z
+        + (z**3 + z) / (4 * v)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+    )
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -66,7 +82,7 @@ def interval(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, 0.0
-    t = T95.get(len(values) - 1, 1.96)
+    t = t95(len(values) - 1)
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
 

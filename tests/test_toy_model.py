@@ -271,3 +271,17 @@ def test_bench_quality_lrs_takes_named_grids_or_explicit_rates(monkeypatch):
     for bad in ("fast", "1e-3,x", "0", "-1e-3"):
         with pytest.raises(argparse.ArgumentTypeError, match="--lrs|learning rates"):
             bench_quality._lrs_arg(bad)
+
+
+def test_bench_quality_intervals_use_t_beyond_ten_runs(monkeypatch):
+    """An eleven-run interval takes t(10) = 2.228 (textbook tables), not the normal's 1.96."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_quality
+
+    for df, table in ((9, 2.262), (10, 2.228), (20, 2.086), (30, 2.042), (120, 1.980)):
+        assert bench_quality.t95(df) == pytest.approx(table, abs=2e-3)
+    values = [0.0, 1.0] * 5 + [0.5]
+    mean, half = bench_quality.interval(values)
+    sd = np.std(values, ddof=1)
+    assert mean == pytest.approx(0.5)
+    assert half == pytest.approx(2.228 * sd / np.sqrt(11), rel=1e-3)
