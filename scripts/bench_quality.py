@@ -90,8 +90,19 @@ def world_objects(seed: int = 7) -> list[world.ToyObject]:
     return quality.held_in_prompts(WORLD_PROMPTS, seed)
 
 
+def scores_dir(out: Path, guidance: float) -> Path:
+    """Where the scores of samples drawn with ``guidance`` are cached (the trained runs, which do
+    not depend on how they are sampled, are shared under ``out/runs``)."""
+    return out / f"cfg{guidance:g}"
+
+
 def score_run(
-    run_dir: Path, subject: subjects.ToySubject, n: int, backbones, sample_steps: int = 30
+    run_dir: Path,
+    subject: subjects.ToySubject,
+    n: int,
+    backbones,
+    guidance: float,
+    sample_steps: int = 30,
 ) -> dict:
     """Sample the protocol and world prompts of a trained run and score them."""
     from sdatom.eval.metrics import clip_i, clip_t
@@ -101,7 +112,7 @@ def score_run(
     pipe.set_progress_bar_config(disable=True)
     protocol = [p for p, _ in subjects.protocol(subject)]
     prompts = [p for p in protocol for _ in range(n)] + [world.caption(o) for o in world_objects()]
-    images = quality.sample_images(pipe, prompts, seed=0, steps=sample_steps, guidance=7.5)
+    images = quality.sample_images(pipe, prompts, seed=0, steps=sample_steps, guidance=guidance)
     overall, rows = quality.oracle_metrics(subject, prompts, images, "sks")
     # CLIP-T / CLIP-I with the toy CLIP, on the subject prompts only.
     idx = [i for i, r in enumerate(rows) if r["role"] == "subject"]
@@ -133,33 +144,36 @@ def subject_images(subject: subjects.ToySubject):
     ]
 
 
-def base_scores(out: Path, sample_steps: int = 30) -> dict:
+def base_scores(out: Path, guidance: float, sample_steps: int = 30) -> dict:
     """World knowledge of the base model on the same world prompts (the reference)."""
     from sdatom.models import load_pipeline
 
-    cached = out / "base.json"
+    cached = scores_dir(out, guidance) / "base.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     pipe = load_pipeline("toy", device="cpu")
     objs = world_objects()
     images = quality.sample_images(
-        pipe, [world.caption(o) for o in objs], seed=0, steps=sample_steps, guidance=7.5
+        pipe, [world.caption(o) for o in objs], seed=0, steps=sample_steps, guidance=guidance
     )
     _, rows = quality.oracle_metrics(
         subjects.SUBJECTS[0], [world.caption(o) for o in objs], images, "sks"
     )
     result = {"oracle_world": statistics.fmean(r["correct"] for r in rows)}
+    cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result))
     return result
 
 
-def words_ceiling(out: Path, subject: subjects.ToySubject, n: int, sample_steps: int = 30) -> float:
+def words_ceiling(
+    out: Path, subject: subjects.ToySubject, n: int, guidance: float, sample_steps: int = 30
+) -> float:
     """The base model's fidelity when the subject's look is written out in words (``a pink and
     cyan striped square`` for ``sks square``), on the same protocol prompts and seeds: what a
     token that means exactly those words could reach."""
     from sdatom.models import load_pipeline
 
-    cached = out / "words" / f"{subject.name}-n{n}.json"
+    cached = scores_dir(out, guidance) / "words" / f"{subject.name}-n{n}.json"
     if cached.is_file():
         return json.loads(cached.read_text())["fidelity"]
     pipe = load_pipeline("toy", device="cpu")
@@ -171,7 +185,7 @@ def words_ceiling(out: Path, subject: subjects.ToySubject, n: int, sample_steps:
         if role == "subject"
         for _ in range(n)
     ]
-    images = quality.sample_images(pipe, prompts, seed=0, steps=sample_steps, guidance=7.5)
+    images = quality.sample_images(pipe, prompts, seed=0, steps=sample_steps, guidance=guidance)
     _, rows = quality.oracle_metrics(subject, prompts, images, "sks")
     fidelity = statistics.fmean(float(r["is_subject"]) for r in rows)
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +202,7 @@ def one_run(
     steps: int,
     n: int,
     backbones,
+    guidance: float,
     extra: dict | None = None,
     token: bool = True,
     captions: str = "default",
@@ -201,7 +216,7 @@ def one_run(
     variant = ("-token" if token else "") + vectors + ("-captions" if captions == "full" else "")
     # Steps and images per prompt are in the tag too, so a changed default never reuses a run.
     tag = f"{subject.name}/{name}{variant}-lr{lr:g}-s{seed}-st{steps}-n{n}"
-    result_file = out / "results" / f"{tag.replace('/', '__')}.json"
+    result_file = scores_dir(out, guidance) / "results" / f"{tag.replace('/', '__')}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
     options, _ = METHODS[name]
@@ -227,7 +242,9 @@ def one_run(
     if not summary_file.is_file():  # a finished run is reused: only its scores are redone
         train(config, overwrite=True, progress_bar=False)
     summary = json.loads(summary_file.read_text())
-    scores = score_run(run_dir, subject, n, backbones, (extra or {}).get("class_sample_steps", 30))
+    scores = score_run(
+        run_dir, subject, n, backbones, guidance, (extra or {}).get("class_sample_steps", 30)
+    )
     label = name + (" + token" if token else "") + (f" x{token_vectors}" if vectors else "")
     label += " + captions" if captions == "full" else ""
     record = {
@@ -288,6 +305,7 @@ def write_report(
     section: str,
     ceilings: dict[str, float],
     records: list[dict],
+    guidance: float,
 ) -> None:
     def cell(v: tuple[float, float]) -> str:
         return "—" if math.isnan(v[0]) else f"{v[0]:.2f} ± {v[1]:.2f}"
@@ -307,7 +325,8 @@ def write_report(
         "class-prompt images showing the",
         "subject; world: attribute accuracy on ordinary prompts (base model "
         f"{base['oracle_world']:.2f}); diversity: chance two class images differ in appearance.",
-        "All read by the exact oracle; CLIP-T / CLIP-I by the toy CLIP.",
+        f"Every sample: the model's scheduler, 30 steps, guidance {guidance:g}. All read by the",
+        "exact oracle; CLIP-T / CLIP-I by the toy CLIP.",
         "",
         "| method | lr | runs | fidelity | background | position | both | drift | world | "
         "diversity | CLIP-T | CLIP-I | trainable | train s | file |",
@@ -435,6 +454,12 @@ def main() -> None:
         default="default",
         help="full: one caption per subject picture naming its position and background",
     )
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance of every sample (default: sdatom sample's for the toy)",
+    )
     ap.add_argument("--out", default="runs/bench-quality")
     ap.add_argument("--report", default=str(ROOT / "QUALITY.md"))
     ap.add_argument(
@@ -474,7 +499,10 @@ def main() -> None:
     started = time.perf_counter()
     # --smoke: a few class images and denoising steps, so that it runs in seconds.
     extra = {"num_class_images": 2, "class_sample_steps": 3} if args.smoke else {}
-    base = base_scores(out, extra.get("class_sample_steps", 30))
+    from sdatom.toyworld.model import SAMPLE_GUIDANCE
+
+    guidance = SAMPLE_GUIDANCE if args.guidance is None else args.guidance
+    base = base_scores(out, guidance, extra.get("class_sample_steps", 30))
     picks = [subjects.SUBJECTS[i] for i in _spread(args.subjects)]
     if args.only is not None:
         unknown = set(args.only) - {s.name for s in picks}
@@ -508,6 +536,7 @@ def main() -> None:
                                 steps,
                                 args.n,
                                 backbones,
+                                guidance,
                                 extra,
                                 token,
                                 args.captions,
@@ -516,7 +545,7 @@ def main() -> None:
                         )
     summary = summarise(records)
     if not args.smoke:
-        ceilings = {s.name: words_ceiling(out, s, args.n) for s in picks}
+        ceilings = {s.name: words_ceiling(out, s, args.n, guidance) for s in picks}
         seconds = time.perf_counter() - started
         command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
         write_report(
@@ -528,6 +557,7 @@ def main() -> None:
             args.section,
             ceilings,
             records,
+            guidance,
         )
         suffix = args.section.removeprefix("bench_quality").replace("_", "-")
         plot(Path(args.report).with_name(Path(args.report).stem + suffix + ".png"), summary)

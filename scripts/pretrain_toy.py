@@ -646,11 +646,12 @@ def evaluate_shipped(n: int) -> dict:
     from sdatom.models import load_pipeline
     from sdatom.toyworld import oracle
     from sdatom.toyworld.backbones import load_toy_attrnet, load_toy_clip
+    from sdatom.toyworld.model import SAMPLE_GUIDANCE
 
     pipe = load_pipeline("toy", device="cpu")
     report = {
         "base_model": base_model_report(
-            pipe, n=n, seed=0, steps=30, guidance=7.5, held_out_n=n // 2
+            pipe, n=n, seed=0, steps=30, guidance=SAMPLE_GUIDANCE, held_out_n=n // 2
         )
     }
     # VAE: reconstructions of fresh pictures, held-in and held-out (the subjects' looks).

@@ -322,7 +322,13 @@ def sample(
     n: Annotated[int, typer.Option("-n", help="Images per prompt (image j uses seed+j).")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Seed of each prompt's first image.")] = 0,
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 30,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance.")] = 7.5,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance",
+            help="Classifier-free guidance. Default: the model's (7.5 SD-1/2, 5 SDXL, 5 toy).",
+        ),
+    ] = None,
     negative_prompt: Annotated[
         str | None, typer.Option("--negative-prompt", help="Negative prompt for every image.")
     ] = None,

@@ -36,6 +36,7 @@ __all__ = [
     "GeneratedSample",
     "SampleOptions",
     "SampleResult",
+    "default_guidance",
     "generate",
     "make_grid",
     "read_prompts_file",
@@ -74,6 +75,7 @@ class SampleOptions:
 
     Image ``j`` of a prompt uses seed ``seed + j``. ``scheduler`` is ``ddim``, ``dpm++``,
     ``euler`` or None (the model's own). ``height``/``width`` None mean the model's size.
+    ``guidance`` None means the model's own (:func:`default_guidance`).
     ``batch_size`` > 1 is faster on a GPU, but batched kernels round differently: images then
     match the unbatched ones only up to float rounding (at most one 8-bit level in a PNG).
     """
@@ -81,7 +83,7 @@ class SampleOptions:
     n: int = 4
     seed: int = 0
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None
     negative_prompt: str | None = None
     scheduler: str | None = None
     height: int | None = None
@@ -120,6 +122,20 @@ def _scheduler(pipe: Any, name: str | None):
     return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
+def default_guidance(pipe: Any) -> float:
+    """The classifier-free guidance used when none is asked for: the toy model's own, chosen by
+    measurement (:data:`sdatom.toyworld.model.SAMPLE_GUIDANCE`), else the pipeline's own
+    default as diffusers sets it (7.5 for SD-1.x/2.x, 5.0 for SDXL)."""
+    import inspect
+
+    from sdatom.toyworld.model import SAMPLE_GUIDANCE, TOY_MODEL_DIR
+
+    name = _model_name(pipe)
+    if name and Path(name).resolve() == TOY_MODEL_DIR.resolve():
+        return SAMPLE_GUIDANCE
+    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+
+
 def generate(
     pipe: Any, prompts: Sequence[str], options: SampleOptions | None = None, **option_values: Any
 ) -> Iterator[GeneratedSample]:
@@ -131,6 +147,7 @@ def generate(
     """
     o = options or SampleOptions(**option_values)
     jobs = [(i, j, p) for i, p in enumerate(prompts) for j in range(o.n)]
+    guidance = default_guidance(pipe) if o.guidance is None else o.guidance
     original = pipe.scheduler
     pipe.scheduler = _scheduler(pipe, o.scheduler)
     try:
@@ -144,7 +161,7 @@ def generate(
                     prompt=[p for _, _, p in batch],
                     negative_prompt=negative,
                     num_inference_steps=o.steps,
-                    guidance_scale=o.guidance,
+                    guidance_scale=guidance,
                     height=o.height,
                     width=o.width,
                     generator=generators,
@@ -200,7 +217,7 @@ def sample(
     info = {
         "model": _model_name(pipe),
         "steps": o.steps,
-        "guidance": o.guidance,
+        "guidance": default_guidance(pipe) if o.guidance is None else o.guidance,
         "scheduler": o.scheduler or type(pipe.scheduler).__name__,
         "adapter": None,
         "negative_prompt": o.negative_prompt,
@@ -430,6 +447,7 @@ def validation_samples(
     was_training = unet.training
     unet.eval()
     jobs = [(p, i) for p, _ in enumerate(c.validation_prompts) for i in range(c.validation_images)]
+    guidance = default_guidance(pipe)
     original_unet = pipe.unet
     pipe.unet = unet
     try:
@@ -442,6 +460,7 @@ def validation_samples(
                 image = pipe(
                     prompt,
                     num_inference_steps=c.validation_steps,
+                    guidance_scale=guidance,
                     height=c.resolution,
                     width=c.resolution,
                     generator=torch.Generator(device="cpu").manual_seed(c.seed + i),

@@ -46,6 +46,17 @@ def atoms_run(tiny_dir, tmp_path_factory):
     return make_atoms_run(tmp_path_factory.mktemp("runs") / "dog", tiny_dir)
 
 
+def test_guidance_left_unset_is_the_pipelines_own(tiny_pipe, tmp_path):
+    from sdatom.sample import default_guidance
+
+    assert default_guidance(tiny_pipe) == 7.5  # diffusers' StableDiffusionPipeline default
+    unset = _arrays(tiny_pipe, ["a dog"], n=1, guidance=None)
+    np.testing.assert_array_equal(unset, _arrays(tiny_pipe, ["a dog"], n=1, guidance=7.5))
+    assert not np.array_equal(unset, _arrays(tiny_pipe, ["a dog"], n=1, guidance=1.5))
+    sample(tiny_pipe, ["a dog"], n=1, steps=2, output_dir=tmp_path)  # the manifest says which
+    assert json.loads((tmp_path / "manifest.json").read_text())["settings"]["guidance"] == 7.5
+
+
 @pytest.mark.slow  # a subprocess or a long run: make test, not test-fast
 def test_image_depends_only_on_prompt_and_seed(tiny_pipe, tmp_path):
     # Batch size 1 (the default): bit-identical PNGs whatever n and the prompt order.

@@ -71,6 +71,15 @@ def test_tiny_sdxl_is_an_sdxl_pipeline_with_two_different_text_encoders(xl_pipe)
     assert len(xl_pipe.vae.config.block_out_channels) == 4
 
 
+def test_sampling_without_guidance_takes_diffusers_sdxl_default(xl_pipe, tmp_path):
+    # SDXL's pipeline samples at guidance 5 by default, not SD-1.x's 7.5: so does sdatom sample.
+    from sdatom.sample import default_guidance, sample
+
+    assert default_guidance(xl_pipe) == 5.0
+    sample(xl_pipe, ["a dog"], n=1, steps=2, output_dir=tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["settings"]["guidance"] == 5.0
+
+
 def test_conditioning_matches_diffusers_encode_prompt(xl_pipe):
     from sdatom.families import family_of
 

@@ -48,6 +48,22 @@ def test_toy_loads_in_plain_diffusers_and_draws_the_world(toy_pipe):
         assert reading.shape is not None and 40 <= reading.area <= 400
 
 
+def test_sampling_the_toy_without_guidance_uses_its_measured_one(tmp_path):
+    from sdatom.models import load_pipeline
+    from sdatom.sample import default_guidance, generate
+    from sdatom.toyworld.model import SAMPLE_GUIDANCE
+
+    pipe = load_pipeline("toy")
+    assert default_guidance(pipe) == SAMPLE_GUIDANCE != 7.5
+    prompt = ["a photo of a red circle on a blue background"]
+
+    def draw(guidance):
+        return next(generate(pipe, prompt, n=1, steps=4, guidance=guidance)).image
+
+    np.testing.assert_array_equal(draw(None), draw(SAMPLE_GUIDANCE))
+    assert not np.array_equal(draw(None), draw(7.5))
+
+
 def test_the_toy_vae_round_trip_keeps_what_the_oracle_reads(toy_pipe):
     from sdatom.toyworld.quality import to_images, to_tensor, vae_round_trip
 
@@ -183,7 +199,10 @@ def test_bench_quality_smoke(tmp_path):
     for key in ("oracle_fidelity", "oracle_alignment", "oracle_drift", "clip_t", "clip_i"):
         assert 0.0 <= rec[key][0] <= 1.0 or key.startswith("clip")
     (cache,) = tmp_path.glob("toy-*")  # one cache folder, named by the toy model's weights
-    assert (cache / "results").is_dir()
+    from sdatom.toyworld.model import SAMPLE_GUIDANCE
+
+    # Scores are cached per guidance (the trained runs are shared): sdatom sample's for the toy.
+    assert (cache / f"cfg{SAMPLE_GUIDANCE:g}" / "results").is_dir()
     (run,) = cache.glob(f"runs/*/atoms-token{vectors}v-lr*-s0-st2-n1")  # tagged apart from others
     assert load_file(run / "token_embedding.safetensors")["emb_params"].shape[0] == vectors
 

@@ -133,6 +133,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Classifier-free guidance `sdatom sample` uses on the toy model when --guidance is not given
+# (sdatom.sample.default_guidance). Chosen on the base model's 400 held-in prompts (`--stage
+# eval`, DDIM 30 steps), not on the toy subjects: two-tone appearance 0.858 at SD-1.x's 7.5,
+# 0.889 at 7.5 with guidance_rescale 0.7, 0.926 at 5, 0.938 at 3 (within the noise of 5, and
+# shape 0.998 and position 0.990 there against 1.000 and 0.995); background, shape and solid
+# appearance 0.996-1.000 at each. A zero-terminal-SNR v-prediction model over-saturates at
+# SD-1.x's guidance, and two-tone looks are what it loses first. QUALITY.md has the figures.
+SAMPLE_GUIDANCE = 5.0
+
+
 def build_toy_pipeline(seed: int = 0, scheduler: dict[str, Any] | None = None):
     """The toy pipeline with seeded random weights (what pretraining starts from)."""
     import torch
