@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,8 @@ def sample(
     if not prompts:
         raise UsageError("no prompts: pass --prompt, --prompts-file or --protocol")
     o = options or SampleOptions(**option_values)
+    if o.guidance is None:  # resolved once: generate and the manifest use the same value
+        o = replace(o, guidance=default_guidance(pipe))
     from sdatom.progress import progress_bar
 
     out = Path(output_dir)
@@ -217,7 +219,7 @@ def sample(
     info = {
         "model": _model_name(pipe),
         "steps": o.steps,
-        "guidance": default_guidance(pipe) if o.guidance is None else o.guidance,
+        "guidance": o.guidance,
         "scheduler": o.scheduler or type(pipe.scheduler).__name__,
         "adapter": None,
         "negative_prompt": o.negative_prompt,
